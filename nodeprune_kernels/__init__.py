@@ -1,0 +1,5 @@
+"""nodeprune-kernels: fused Triton kernels for multi-granular node pruning of Hugging Face causal LMs."""
+from .ops import Gate, expected_l0, gate_noise, hard_concrete, masked_linear
+
+__version__ = "0.1.0"
+__all__ = ["Gate", "hard_concrete", "expected_l0", "gate_noise", "masked_linear", "__version__"]

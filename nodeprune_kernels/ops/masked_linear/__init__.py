@@ -1,0 +1,151 @@
+"""The masked linear: a linear layer whose input and output features carry hard-concrete gate stacks."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...utils.backend import resolve_backend
+from ...utils.checks import check_log_alpha, check_seed_offset
+from .kernels import MAX_LEVELS
+from .reference import Gate, masked_linear_reference
+
+__all__ = ["masked_linear", "Gate", "masked_linear_reference"]
+
+WEIGHT_LAYOUTS = ("out_in", "in_out")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _as_gates(gates, side: str, n_features: int, device, seed: int) -> tuple:
+    if isinstance(gates, Gate) or isinstance(gates, torch.Tensor):
+        raise TypeError(f"{side} must be a sequence of Gate levels, e.g. [Gate(log_alpha, group, offset)]")
+    out = []
+    for i, g in enumerate(gates):
+        what = f"{side}[{i}]"
+        if not isinstance(g, Gate):
+            try:
+                g = Gate(*g)
+            except TypeError:
+                raise TypeError(f"{what} must be a Gate(log_alpha, group, offset), got {type(g).__name__}") from None
+        check_log_alpha(g.log_alpha, what)
+        if g.log_alpha.dim() != 1:
+            raise ValueError(f"{what}: log_alpha must be 1-D, got shape {tuple(g.log_alpha.shape)}")
+        if isinstance(g.group, bool) or not isinstance(g.group, int) or g.group < 1:
+            raise ValueError(f"{what}: group must be a positive int, got {g.group!r}")
+        if g.log_alpha.numel() * g.group != n_features:
+            raise ValueError(
+                f"{what}: {g.log_alpha.numel()} gates x group {g.group} = {g.log_alpha.numel() * g.group} "
+                f"features, but the layer has {n_features} {side.split('_')[0]}put features; the groups "
+                "must tile the feature dimension exactly"
+            )
+        if g.log_alpha.device != device:
+            raise ValueError(f"{what}: log_alpha is on {g.log_alpha.device}, x is on {device}")
+        check_seed_offset(seed, g.offset, g.log_alpha.numel(), what)
+        out.append(g)
+    return tuple(out)
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    in_gates: Sequence[Gate] = (),
+    out_gates: Sequence[Gate] = (),
+    x_ablate: torch.Tensor | None = None,
+    y_ablate: torch.Tensor | None = None,
+    seed: int = 0,
+    training: bool = True,
+    weight_layout: str = "out_in",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A linear layer with gated input and output features and an ablation value.
+
+    Computes ``y' = y_c + z_out * (((x - x_c) * z_in) W^T)`` with ``y_c = x_c W^T + b``: a closed input
+    feature (z_in = 0) is replaced by its ablation value x_c, a closed output feature by y_c. Under zero
+    ablation, closing a gate is exactly zeroing the matching weight column (input) or row (output).
+
+    Args:
+        x: [..., K] float32, float16 or bfloat16; any leading dimensions, any strides.
+        weight: [N, K] (``weight_layout="out_in"``, nn.Linear) or [K, N] (``"in_out"``, GPT-2 Conv1D),
+            x's dtype and device. Never copied to change layout.
+        bias: [N] or None, x's dtype. Only used to form y_c when ``y_ablate`` is None.
+        in_gates: gate stack on the K input features: a sequence of up to 4 ``Gate(log_alpha, group,
+            offset)``; log_alpha is 1-D (any float dtype, finite) with ``numel * group == K``. The gate of
+            feature j is the product over levels of level l's gate ``j // group_l``, whose Philox index is
+            ``offset_l + j // group_l``.
+        out_gates: the same for the N output features.
+        x_ablate: x_c. None (zero ablation), [K] (mean ablation) or x's shape (interchange ablation).
+            A constant: it must not require grad.
+        y_ablate: optional precomputed y_c: [N] or [..., N] matching x's leading dimensions. When None it is
+            ``x_ablate W^T + bias`` (or ``bias`` under zero ablation).
+        seed: Philox key of this step's gate sample, int in [0, 2**63).
+        training: sample the gates (True) or use the deterministic gates (False).
+        weight_layout: "out_in" or "in_out".
+        backend: "auto", "triton" or "reference".
+
+    Returns:
+        y': [..., N] in x's dtype (fp32 accumulation). Differentiable with respect to x and every
+        log_alpha; the fused backward saves only x (and x_c), and recomputes the rest. A weight or bias
+        that requires grad gets a correct gradient through a slower reference path (warned once).
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("masked_linear: x and weight must be tensors")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"unknown weight_layout {weight_layout!r}; choose 'out_in' ([out, in], nn.Linear) or "
+                         "'in_out' ([in, out], GPT-2 Conv1D)")
+    if x.dim() < 1:
+        raise ValueError("masked_linear: x must have at least one dimension (its last is the input features)")
+    if weight.dim() != 2:
+        raise ValueError(f"masked_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+    K = x.shape[-1]
+    N, K_w = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
+    if K_w != K:
+        expect = "[N, %d]" % K if weight_layout == "out_in" else "[%d, N]" % K
+        raise ValueError(f"masked_linear: x has {K} input features but weight has shape {tuple(weight.shape)}; "
+                         f"with weight_layout={weight_layout!r} it must be {expect}")
+    if not x.is_floating_point():
+        raise TypeError(f"masked_linear: x must be floating point, got {x.dtype}")
+    named = {"weight": weight, "bias": bias, "x_ablate": x_ablate, "y_ablate": y_ablate}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"masked_linear: {name} must be a tensor or None, got {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"masked_linear: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"masked_linear: {name} is on {t.device} but x is on {x.device}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"masked_linear: bias must have shape ({N},), got {tuple(bias.shape)}")
+    if x_ablate is not None and tuple(x_ablate.shape) not in ((K,), tuple(x.shape)):
+        raise ValueError(f"masked_linear: x_ablate must be [{K}] (mean) or x's shape {tuple(x.shape)} "
+                         f"(interchange), got {tuple(x_ablate.shape)}")
+    if y_ablate is not None and tuple(y_ablate.shape) not in ((N,), (*x.shape[:-1], N)):
+        raise ValueError(f"masked_linear: y_ablate must be [{N}] or {(*x.shape[:-1], N)}, got "
+                         f"{tuple(y_ablate.shape)}")
+    for name in ("x_ablate", "y_ablate"):
+        if named[name] is not None and named[name].requires_grad:
+            raise ValueError(f"masked_linear: {name} requires grad, but ablation values are constants; pass "
+                             f"{name}.detach() (corrupted activations come from a no-grad pass)")
+    check_seed_offset(seed, 0, 1)
+    in_gates = _as_gates(in_gates, "in_gates", K, x.device, seed)
+    out_gates = _as_gates(out_gates, "out_gates", N, x.device, seed)
+    for side, stack in (("in_gates", in_gates), ("out_gates", out_gates)):
+        if len(stack) > MAX_LEVELS:
+            raise ValueError(f"masked_linear: {side} has {len(stack)} levels; at most {MAX_LEVELS} are supported "
+                             "(layer, block, head, neuron). Multiply extra levels into one log_alpha first.")
+
+    if resolve_backend(backend, x.device) == "reference":
+        return masked_linear_reference(x, weight, bias, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,
+                                       y_ablate=y_ablate, seed=seed, training=training, weight_layout=weight_layout)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"masked_linear (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
+                        "backend='reference' for other dtypes")
+    from .function import MaskedLinearFunction, Spec
+
+    spec = Spec(K, N, tuple(g.group for g in in_gates), tuple(g.offset for g in in_gates),
+                tuple(g.group for g in out_gates), tuple(g.offset for g in out_gates), seed, bool(training),
+                weight_layout == "out_in", y_ablate is not None)
+    las = [g.log_alpha for g in in_gates] + [g.log_alpha for g in out_gates]
+    return MaskedLinearFunction.apply(x, weight, bias, x_ablate, y_ablate, spec, *las)

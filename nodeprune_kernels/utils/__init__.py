@@ -1,0 +1,1 @@
+"""Helpers shared by every op: backend selection, input checks, memory accounting."""
