@@ -26,6 +26,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_GPU_CONFIGS = [False]
+
+
+def interpreter_configs() -> bool:
+    """True when launch configurations should suit the interpreter (few, large tiles; fp32 dots).
+
+    False on a GPU, and also under the interpreter while :func:`nodeprune_kernels.utils.launch.record_launches`
+    records the GPU configurations for compilation.
+    """
+    return interpreting() and not _GPU_CONFIGS[0]
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a user's ``backend`` argument to ``"triton"`` or ``"reference"`` for tensors on ``device``."""
     if backend not in BACKENDS:

@@ -7,6 +7,7 @@ specialisations for real GPU targets on a machine without a GPU.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -39,28 +40,45 @@ class LaunchRecord:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def _specialize(v):
+    """(triton type, specialisation) of a runtime argument, as triton's JIT decides it."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        kind, attr = native_specialize_impl(BaseBackend, v, False, True, True)
+        return kind, (v if kind == "constexpr" else attr)
+    except ImportError:  # older triton: the same rules, written out
+        if isinstance(v, torch.Tensor):
+            return "*" + _TRITON_DTYPES[v.dtype], "D" if v.data_ptr() % 16 == 0 else ""
+        if isinstance(v, bool):
+            return "u1", None
+        if isinstance(v, int):
+            if v == 1:
+                return "constexpr", 1
+            return ("i32" if -(2**31) <= v < 2**31 else "i64"), "D" if v % 16 == 0 else ""
+        if isinstance(v, float):
+            return "fp32", None
+        raise TypeError(f"cannot describe kernel argument {v!r}")
+
+
 def _describe(kernel, args: dict) -> LaunchRecord:
     fn = getattr(kernel, "fn", kernel)
     signature, constexprs, aligned = [], [], []
-    for p in kernel.params:
+    for p in inspect.signature(fn).parameters.values():
         v = args[p.name]
-        if p.is_constexpr:
+        if "constexpr" in str(p.annotation):
             signature.append((p.name, "constexpr"))
             constexprs.append((p.name, v))
-        elif isinstance(v, torch.Tensor):
-            signature.append((p.name, "*" + _TRITON_DTYPES[v.dtype]))
-            if v.data_ptr() % 16 == 0:
-                aligned.append(p.name)
-        elif isinstance(v, bool):
-            signature.append((p.name, "i1"))
-        elif isinstance(v, int):
-            signature.append((p.name, "i32" if -(2**31) <= v < 2**31 else "i64"))
-            if v % 16 == 0:
-                aligned.append(p.name)
-        elif isinstance(v, float):
-            signature.append((p.name, "fp32"))
         else:
-            raise TypeError(f"cannot describe argument {p.name}={v!r} of {fn.__name__}")
+            kind, attr = _specialize(v)
+            if kind == "constexpr":  # triton specialises ints equal to 1 into constants
+                signature.append((p.name, "constexpr"))
+                constexprs.append((p.name, attr))
+                continue
+            signature.append((p.name, kind))
+            if attr == "D":
+                aligned.append(p.name)
     return LaunchRecord(fn.__module__, fn.__name__, tuple(signature), tuple(constexprs), tuple(aligned), 0, 0)
 
 
@@ -71,15 +89,31 @@ def launch(kernel, grid, *, num_warps: int = 4, num_stages: int = 2, **args):
         rec = LaunchRecord(**{**rec.__dict__, "num_warps": num_warps, "num_stages": num_stages})
         for r in _RECORDERS:
             r.append(rec)
+    if _DRY_RUN[0]:
+        return
     kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
 
 
+_DRY_RUN = [False]
+
+
 @contextlib.contextmanager
-def record_launches():
-    """Collect the :class:`LaunchRecord` of every kernel launched inside the ``with`` block."""
+def record_launches(*, gpu_configs: bool = False, execute: bool = True):
+    """Collect the :class:`LaunchRecord` of every kernel launched inside the ``with`` block.
+
+    ``gpu_configs=True`` makes the host code choose the block sizes, warps, stages and dot modes it would
+    use on a GPU even under the interpreter; ``execute=False`` records without running any kernel (outputs
+    are then left unwritten), which is how :mod:`nodeprune_kernels.compile` collects GPU specialisations
+    on a machine without one.
+    """
+    from . import backend
+
     records: list[LaunchRecord] = []
+    old = backend._GPU_CONFIGS[0], _DRY_RUN[0]
     _RECORDERS.append(records)
+    backend._GPU_CONFIGS[0], _DRY_RUN[0] = gpu_configs or old[0], (not execute) or old[1]
     try:
         yield records
     finally:
         _RECORDERS.remove(records)
+        backend._GPU_CONFIGS[0], _DRY_RUN[0] = old

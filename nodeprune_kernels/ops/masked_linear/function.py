@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton
 
 from ...utils.alloc import empty
-from ...utils.backend import interpreting, warn_once
+from ...utils.backend import interpreter_configs, warn_once
 from ...utils.launch import launch
 from .kernels import MAX_LEVELS, _gate_level_grad_kernel, _gated_matmul_kernel
 from .reference import Gate, masked_linear_reference
@@ -40,6 +40,11 @@ def _rows(t, n):
     return (t2, t2.stride(0), t2.stride(1))
 
 
+def _mode(side):
+    """0: absent, 1: a vector over the columns, 2: a [M, cols] tensor (see ``_rows``)."""
+    return 0 if side is None else (1 if side[1] == 0 and side[0].dim() == 1 else 2)
+
+
 def _levels(las, groups, offsets):
     return [(la.contiguous(), g, o) for la, g, o in zip(las, groups, offsets)]
 
@@ -57,7 +62,7 @@ def _pow2(n, lo, hi):
 
 
 def _gemm_config(dtype, M, R, C):
-    if interpreting():  # every program instance costs ~ms there: few, large tiles
+    if interpreter_configs():  # every program instance costs ~ms there: few, large tiles
         return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_C=_pow2(C, 16, 64), BLOCK_R=_pow2(R, 16, 64), GROUP_M=8,
                     num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -67,7 +72,7 @@ def _gemm_config(dtype, M, R, C):
 
 def _dot_mode(dtype):
     """(DOT_FP32, INPUT_PRECISION): the interpreter cannot run 16-bit tl.dot, so it computes in fp32."""
-    if interpreting():
+    if interpreter_configs():
         return True, "ieee"
     if dtype == torch.float32:
         return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -105,8 +110,8 @@ def gated_matmul(a, b, M, R, C, *, seed, training, ac=None, r_levels=(), c_level
         seed=seed,
         **_level_kwargs("r", r_levels, dummy), **_level_kwargs("c", c_levels, dummy),
         R_LEVELS=len(r_levels), C_LEVELS=len(c_levels),
-        HAS_AC=ac is not None, STORE_OUT=out is not None, HAS_YC=yc is not None,
-        COLSUM=e is not None, HAS_EC=ec is not None,
+        AC_MODE=_mode(ac), STORE_OUT=out is not None, YC_MODE=_mode(yc),
+        COLSUM=e is not None, EC_MODE=_mode(ec),
         TRAINING=training, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         **cfg,
     )
@@ -123,7 +128,7 @@ def level_grads(dzf, levels, needed, *, seed, training):
             continue
         dla = empty(la.shape, dtype=la.dtype, device=la.device)
         block_f = _pow2(group, 1, 128)
-        block_g = _pow2(la.numel(), 1, max(1, (4096 if interpreting() else 1024) // block_f))
+        block_g = _pow2(la.numel(), 1, max(1, (4096 if interpreter_configs() else 1024) // block_f))
         launch(_gate_level_grad_kernel, (triton.cdiv(la.numel(), block_g),),
                dzf_ptr=dzf, dla_ptr=dla, F=n_features, seed=seed, **_level_kwargs("", levels, la),
                N_LEVELS=len(levels), TARGET=target, TRAINING=training, BLOCK_G=block_g, BLOCK_F=block_f,

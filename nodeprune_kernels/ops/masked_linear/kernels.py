@@ -7,7 +7,7 @@ One gated GEMM kernel serves the forward and both halves of the backward:
     part[pid_m, c] = sum_{m in tile} acc[m, c] * (E[m, c] - E_c[m, c])   (COLSUM)
 
 zR and zC are gate stacks (up to four levels each) sampled inside the kernel from (seed, index), so no
-gate or noise tensor is ever read or written. A_c, Y_c, E_c may be vectors (row stride 0) or tensors.
+gate or noise tensor is ever read or written. A_c, Y_c, E_c may be absent (mode 0), vectors over the columns (mode 1) or [M, cols] tensors (mode 2).
 
 - forward:           A = x, A_c = x_c, zR = z_in, B = W^T, zC = z_out, Y_c = y_c        -> y'
 - dx and dz_in:      A = dy, zR = z_out, B = W, zC = z_in, E = x, E_c = x_c           -> dx, sum_t P * delta
@@ -47,6 +47,18 @@ def _gate_product(cols, mask, seed, la0, g0, o0, la1, g1, o1, la2, g2, o2, la3, 
 
 
 @triton.jit
+def _load_side(ptr, rows, cols, stride_m, stride_c, row_mask, col_mask, MODE: tl.constexpr):
+    """float32 tile of an operand that is a vector over cols (MODE 1, broadcast) or a [M, C] tensor (MODE 2)."""
+    if MODE == 1:
+        v = tl.load(ptr + cols * stride_c, mask=col_mask, other=0.0)
+        return v.to(tl.float32)[None, :]
+    else:
+        v = tl.load(ptr + rows[:, None] * stride_m + cols[None, :] * stride_c,
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        return v.to(tl.float32)
+
+
+@triton.jit
 def _gated_matmul_kernel(
     a_ptr, ac_ptr, b_ptr, out_ptr, yc_ptr, e_ptr, ec_ptr, part_ptr,
     M, R, C,
@@ -58,8 +70,8 @@ def _gated_matmul_kernel(
     ra0, rg0, ro0, ra1, rg1, ro1, ra2, rg2, ro2, ra3, rg3, ro3,
     ca0, cg0, co0, ca1, cg1, co1, ca2, cg2, co2, ca3, cg3, co3,
     R_LEVELS: tl.constexpr, C_LEVELS: tl.constexpr,
-    HAS_AC: tl.constexpr, STORE_OUT: tl.constexpr, HAS_YC: tl.constexpr,
-    COLSUM: tl.constexpr, HAS_EC: tl.constexpr,
+    AC_MODE: tl.constexpr, STORE_OUT: tl.constexpr, YC_MODE: tl.constexpr,
+    COLSUM: tl.constexpr, EC_MODE: tl.constexpr,
     TRAINING: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -86,10 +98,8 @@ def _gated_matmul_kernel(
         r_mask = offs_r < R
         a_mask = m_mask[:, None] & r_mask[None, :]
         a = tl.load(a_ptr + rows[:, None] * stride_am + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
-        if HAS_AC:
-            ac = tl.load(ac_ptr + rows[:, None] * stride_acm + offs_r[None, :] * stride_acr, mask=a_mask,
-                         other=0.0)
-            a = a.to(tl.float32) - ac.to(tl.float32)
+        if AC_MODE != 0:
+            a = a.to(tl.float32) - _load_side(ac_ptr, rows, offs_r, stride_acm, stride_acr, m_mask, r_mask, AC_MODE)
         if R_LEVELS > 0:
             zr = _gate_product(offs_r, r_mask, seed, ra0, rg0, ro0, ra1, rg1, ro1, ra2, rg2, ro2, ra3, rg3, ro3,
                                R_LEVELS, -1, TRAINING)
@@ -105,10 +115,8 @@ def _gated_matmul_kernel(
     if COLSUM:
         e = tl.load(e_ptr + rows[:, None] * stride_em + offs_c[None, :] * stride_ec, mask=tile_mask, other=0.0)
         e = e.to(tl.float32)
-        if HAS_EC:
-            ec = tl.load(ec_ptr + rows[:, None] * stride_ecm + offs_c[None, :] * stride_ecc, mask=tile_mask,
-                         other=0.0)
-            e = e - ec.to(tl.float32)
+        if EC_MODE != 0:
+            e = e - _load_side(ec_ptr, rows, offs_c, stride_ecm, stride_ecc, m_mask, c_mask, EC_MODE)
         part = tl.sum(acc * e, axis=0)
         tl.store(part_ptr + pid_m * C + offs_c, part, mask=c_mask)
     if STORE_OUT:
@@ -117,10 +125,8 @@ def _gated_matmul_kernel(
             zc = _gate_product(offs_c, c_mask, seed, ca0, cg0, co0, ca1, cg1, co1, ca2, cg2, co2, ca3, cg3, co3,
                                C_LEVELS, -1, TRAINING)
             out = out * zc[None, :]
-        if HAS_YC:
-            yc = tl.load(yc_ptr + rows[:, None] * stride_ycm + offs_c[None, :] * stride_ycc, mask=tile_mask,
-                         other=0.0)
-            out = out + yc.to(tl.float32)
+        if YC_MODE != 0:
+            out = out + _load_side(yc_ptr, rows, offs_c, stride_ycm, stride_ycc, m_mask, c_mask, YC_MODE)
         tl.store(out_ptr + rows[:, None] * stride_om + offs_c[None, :] * stride_oc,
                  out.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
