@@ -123,13 +123,28 @@ def standard_records():
     return records
 
 
+def role(r) -> str:
+    """What a gated-matmul build is used for, from its constexprs (forward, dx, output-gate recompute)."""
+    c = r["constexprs"]
+    if r["kernel"] == "_gated_matmul_kernel":
+        name = "dx+dz_in" if c["STORE_OUT"] and c["COLSUM"] else "dz_out" if c["COLSUM"] else "forward"
+        ablation = {0: "", 1: " mean", 2: " interch."}[c["AC_MODE"] or c["EC_MODE"]]
+        return name + ablation
+    if r["kernel"] == "_gate_level_grad_kernel":
+        return f"level {c['TARGET']}/{c['N_LEVELS']}"
+    return ("train" if c.get("TRAINING") else "eval") if "TRAINING" in c else ""
+
+
 def format_table(rows) -> str:
-    head = f"{'kernel':<26} {'arch':<6} {'dtypes':<14} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>6} " \
-           f"{'smem':>7} {'mma':<9}"
+    head = f"{'kernel':<26} {'role':<17} {'arch':<6} {'dtypes':<10} {'tile':<10} {'warps':>5} {'stages':>6} " \
+           f"{'regs':>5} {'spill':>6} {'smem':>7} {'mma':<9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else ("FMA" if r["has_dot"] else "-")
-        lines.append(f"{r['kernel']:<26} {r['arch']:<6} {','.join(r['dtypes']):<14} {r['num_warps']:>5} "
+        c = r["constexprs"]
+        tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_C", "BLOCK_R", "BLOCK_G", "BLOCK_F", "BLOCK") if k in c)
+        lines.append(f"{r['kernel']:<26} {role(r):<17} {r['arch']:<6} {','.join(r['dtypes']):<10} {tile:<10} "
+                     f"{r['num_warps']:>5} "
                      f"{r['num_stages']:>6} {r['registers']:>5} {r['spill_stores'] + r['spill_loads']:>6} "
                      f"{r['shared_bytes']:>7} {mma:<9}")
     return "\n".join(lines)

@@ -27,6 +27,11 @@ def _as_gates(gates, side: str, n_features: int, device, seed: int) -> tuple:
                 g = Gate(*g)
             except TypeError:
                 raise TypeError(f"{what} must be a Gate(log_alpha, group, offset), got {type(g).__name__}") from None
+        if not isinstance(g.log_alpha, torch.Tensor):
+            raise TypeError(f"{what}: log_alpha must be a torch.Tensor, got {type(g.log_alpha).__name__}")
+        if g.log_alpha.device != device:
+            raise ValueError(f"{what}: log_alpha is on {g.log_alpha.device}, x is on {device}; move them to one "
+                             "device")
         check_log_alpha(g.log_alpha, what)
         if g.log_alpha.dim() != 1:
             raise ValueError(f"{what}: log_alpha must be 1-D, got shape {tuple(g.log_alpha.shape)}")
@@ -38,8 +43,6 @@ def _as_gates(gates, side: str, n_features: int, device, seed: int) -> tuple:
                 f"features, but the layer has {n_features} {side.split('_')[0]}put features; the groups "
                 "must tile the feature dimension exactly"
             )
-        if g.log_alpha.device != device:
-            raise ValueError(f"{what}: log_alpha is on {g.log_alpha.device}, x is on {device}")
         check_seed_offset(seed, g.offset, g.log_alpha.numel(), what)
         out.append(g)
     return tuple(out)

@@ -1,0 +1,224 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close, rel_err
+from nodeprune_kernels import Gate, masked_linear
+from nodeprune_kernels.ops.masked_linear.reference import masked_linear_reference
+from nodeprune_kernels.utils.memory import SavedTensorBytes
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+K, N, H = 72, 40, 6  # odd feature sizes: not multiples of any block size
+
+
+def make_gates(spec, n_in, n_out, device, scale=1.5):
+    """Gate stacks from a spec string: 'L' layer, 'B' block, 'H' head, 'n' neuron levels; 'o' output."""
+    levels_in = {"L": (1, n_in), "B": (1, n_in), "H": (H, n_in // H), "n": (n_in, 1)}
+    in_gates, out_gates, offset = [], [], 0
+    for c in spec:
+        n, group = (n_out, 1) if c == "o" else levels_in[c]
+        la = (torch.randn(n, device=device) * scale + 0.5).requires_grad_()
+        (out_gates if c == "o" else in_gates).append(Gate(la, group, offset))
+        offset += n
+    return in_gates, out_gates
+
+
+def make_inputs(dtype, device, lead=(2, 9), layout="out_in", ablation="zero", bias=True, noncontig=False):
+    x_full = torch.randn(*lead, 2 * K if noncontig else K, device=device).to(dtype)
+    x = (x_full[..., ::2] if noncontig else x_full).requires_grad_()
+    w = torch.randn(N, K, device=device) / K**0.5
+    w = (w if layout == "out_in" else w.t().contiguous()).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    x_ablate = {"zero": None, "mean": torch.randn(K, device=device).to(dtype),
+                "interchange": torch.randn(*lead, K, device=device).to(dtype)}[ablation]
+    return x, w, b, x_ablate
+
+
+def to64(t):
+    return None if t is None else t.detach().double()
+
+
+def check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, training=True, seed=123, y_ablate=None):
+    kw = dict(x_ablate=x_ablate, y_ablate=y_ablate, seed=seed, training=training, weight_layout=layout)
+    y = masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, backend="triton", **kw)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], N)
+    gates64 = [[Gate(to64(g.log_alpha).requires_grad_(), g.group, g.offset) for g in s] for s in (in_gates, out_gates)]
+    x64 = to64(x).requires_grad_()
+    kw64 = dict(kw, x_ablate=to64(x_ablate), y_ablate=to64(y_ablate))
+    y_ref = masked_linear_reference(x64, to64(w), to64(b), in_gates=gates64[0], out_gates=gates64[1], **kw64)
+    assert_close(y, y_ref, x.dtype, "output")
+    dy = torch.randn_like(y)
+    leaves = [x] + [g.log_alpha for g in in_gates + out_gates]
+    leaves64 = [x64] + [g.log_alpha for g in gates64[0] + gates64[1]]
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads_ref = torch.autograd.grad(y_ref, leaves64, dy.double())
+    names = ["dx"] + [f"d log_alpha[{i}]" for i in range(len(leaves) - 1)]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.shape == g_ref.shape
+        if g_ref.abs().max() == 0:  # e.g. a gate clamped shut: its gradient is exactly zero
+            assert torch.all(g == 0), name
+        else:
+            assert_close(g, g_ref, x.dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ablation", ["zero", "mean", "interchange"])
+@pytest.mark.parametrize("gates", ["n", "o", "LBHn", "BHo", "LBHno"])
+def test_matches_reference(dtype, ablation, gates, device):
+    torch.manual_seed(hash((str(dtype), ablation, gates)) % 2**31)
+    x, w, b, x_ablate = make_inputs(dtype, device, ablation=ablation)
+    in_gates, out_gates = make_gates(gates, K, N, device)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("noncontig", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_layouts_strides_and_modes(dtype, layout, noncontig, training, device):
+    torch.manual_seed(1)
+    x, w, b, x_ablate = make_inputs(dtype, device, lead=(3, 5), layout=layout, ablation="interchange",
+                                    noncontig=noncontig, bias=not training)
+    in_gates, out_gates = make_gates("Hno", K, N, device)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, training=training)
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (130,), (2, 1, 3)])
+def test_leading_dims(lead, device):
+    torch.manual_seed(2)
+    x, w, b, x_ablate = make_inputs(torch.float32, device, lead=lead, ablation="mean")
+    in_gates, out_gates = make_gates("Bno", K, N, device)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in")
+
+
+def test_transposed_input(device):
+    torch.manual_seed(3)
+    x = torch.randn(K, 7, 3, device=device).permute(2, 1, 0).requires_grad_()  # [3, 7, K], stride 1 on no dim
+    w = torch.randn(N, K, device=device) / K**0.5
+    in_gates, out_gates = make_gates("Hn", K, N, device)
+    check_against_reference(x, w, None, in_gates, out_gates, None, "out_in")
+
+
+def test_y_ablate(device):
+    torch.manual_seed(4)
+    x, w, b, x_ablate = make_inputs(torch.float32, device, ablation="interchange")
+    y_ablate = torch.randn(*x.shape[:-1], N, device=device)
+    in_gates, out_gates = make_gates("no", K, N, device)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in", y_ablate=y_ablate)
+
+
+def test_no_gates_is_linear(device):
+    x, w, b, _ = make_inputs(torch.float32, device)
+    y = masked_linear(x, w, b, backend="triton")
+    assert rel_err(y, F.linear(x.double(), w.double(), b.double())) < 2e-6
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, K, device=device, requires_grad=True)
+    w = torch.randn(N, K, device=device)
+    in_gates, out_gates = make_gates("no", K, N, device)
+    y = masked_linear(x, w, in_gates=in_gates, out_gates=out_gates, backend="triton")
+    assert y.shape == (0, N)
+    grads = torch.autograd.grad(y.sum(), [x, in_gates[0].log_alpha, out_gates[0].log_alpha])
+    assert grads[0].shape == (0, K) and all(torch.all(g == 0) for g in grads[1:])
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_closed_gates_zero_weight_columns_and_rows(layout, device):
+    """Zero ablation, deterministic gates: closing a gate equals zeroing the weight's column / row."""
+    torch.manual_seed(5)
+    x, w, b, _ = make_inputs(torch.float32, device, layout=layout)
+    w_oi = (w if layout == "out_in" else w.t()).clone()
+    head = torch.full((H,), 20.0, device=device)
+    head[2] = -20.0
+    neuron = torch.full((K,), 20.0, device=device)
+    neuron[[0, 5, 71]] = -20.0
+    out = torch.full((N,), 20.0, device=device)
+    out[[3, 39]] = -20.0
+    y = masked_linear(x, w, b, in_gates=[Gate(head, K // H), Gate(neuron, 1, H)], out_gates=[Gate(out, 1)],
+                      training=False, weight_layout=layout, backend="triton")
+    w_oi[:, 2 * (K // H):3 * (K // H)] = 0
+    w_oi[:, [0, 5, 71]] = 0
+    w_oi[[3, 39], :] = 0
+    torch.testing.assert_close(y, F.linear(x, w_oi, b), atol=1e-5, rtol=1e-5)
+
+
+def test_backends_draw_identical_gates(device):
+    """With a weight of ones and zero ablation, y reveals the sampled gates: both backends agree."""
+    la_in = torch.randn(K, device=device)
+    x = torch.zeros(1, K, device=device)
+    x[0, 10] = 1.0
+    w = torch.eye(K, device=device)
+    for seed in (0, 7, 2**40):
+        ys = [masked_linear(x, w, in_gates=[Gate(la_in, 1, 33)], seed=seed, backend=be) for be in ("triton",
+                                                                                                    "reference")]
+        torch.testing.assert_close(ys[0], ys[1], atol=1e-6, rtol=0)
+
+
+def test_weight_and_bias_grad_slow_path(device):
+    torch.manual_seed(6)
+    for layout in ("out_in", "in_out"):
+        x, w, b, x_ablate = make_inputs(torch.float32, device, layout=layout, ablation="mean")
+        w.requires_grad_()
+        b.requires_grad_()
+        in_gates, out_gates = make_gates("Hno", K, N, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,
+                              weight_layout=layout, seed=3, backend="triton")
+        y_ref = masked_linear_reference(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,
+                                        weight_layout=layout, seed=3)
+        dy = torch.randn_like(y)
+        g = torch.autograd.grad(y, [w, b, x], dy)
+        g_ref = torch.autograd.grad(y_ref, [w, b, x], dy)
+        for a, r in zip(g, g_ref):
+            assert rel_err(a, r) < 2e-5
+
+
+def test_reference_gradcheck():
+    torch.manual_seed(7)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    xc = torch.randn(3, 12, dtype=torch.float64)
+    la = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (3, 12, 5)]
+
+    def f(x, w, b, l0, l1, l2):
+        return masked_linear_reference(x, w, b, in_gates=[Gate(l0, 4), Gate(l1, 1, 3)], out_gates=[Gate(l2, 1, 15)],
+                                       x_ablate=xc, seed=2)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, *la))
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", "interchange"])
+def test_saved_bytes(ablation, device):
+    """Saved for backward: x (plus x_c for interchange) plus the gate parameters, nothing of token size else."""
+    x, w, b, x_ablate = make_inputs(torch.bfloat16, device, lead=(4, 33), ablation=ablation)
+    in_gates, out_gates = make_gates("LBHno", K, N, device)
+    las = [g.log_alpha for g in in_gates + out_gates]
+    with SavedTensorBytes(ignore=[w, b]) as saved:
+        masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate, backend="triton")
+    gate_bytes = sum(la.untyped_storage().nbytes() for la in las)
+    expect = x.untyped_storage().nbytes() + gate_bytes
+    if ablation == "interchange":
+        expect += x_ablate.untyped_storage().nbytes()
+    elif ablation == "mean":
+        expect += x_ablate.untyped_storage().nbytes()  # one [K] vector
+    assert saved.bytes == expect, saved.tensors
+    if ablation == "interchange":
+        return  # the eager reference saves x - x_c and the product instead; the fused path keeps x and x_c
+    # the eager reference, as a user would write it, stores more
+    with SavedTensorBytes(ignore=[w, b]) as saved_ref:
+        masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate, backend="reference")
+    assert saved_ref.bytes > saved.bytes
+
+
+def test_frozen_linear_baseline_saves_nothing_but_weight(device):
+    """The baseline the budget is measured against: a frozen nn.Linear saves no activation."""
+    x = torch.randn(4, 33, K, device=device, requires_grad=True)
+    lin = torch.nn.Linear(K, N, device=device).requires_grad_(False)
+    with SavedTensorBytes(ignore=[lin.weight, lin.bias]) as saved:
+        lin(x)
+    assert saved.bytes == 0
