@@ -6,6 +6,7 @@ otherwise. ``"triton"`` and ``"reference"`` force one of them.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -13,12 +14,9 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
-try:  # triton is a Linux-only dependency
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
+# triton is a Linux-only dependency. Look for it without importing it: triton reads TRITON_INTERPRET when
+# it is first imported, so importing nodeprune_kernels must not import triton.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:

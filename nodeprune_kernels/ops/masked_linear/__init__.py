@@ -7,8 +7,7 @@ import torch
 
 from ...utils.backend import resolve_backend
 from ...utils.checks import check_log_alpha, check_seed_offset
-from .kernels import MAX_LEVELS
-from .reference import Gate, masked_linear_reference
+from .reference import MAX_LEVELS, Gate, masked_linear_reference
 
 __all__ = ["masked_linear", "Gate", "masked_linear_reference"]
 

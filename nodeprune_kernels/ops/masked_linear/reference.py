@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from ..hard_concrete.reference import hard_concrete_reference
 
+MAX_LEVELS = 4  # gate levels per side that the fused kernels accept (layer, block, head, neuron)
+
 
 class Gate(NamedTuple):
     """One level of a gate stack.

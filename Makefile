@@ -1,0 +1,28 @@
+# Two entry points, each installing what it needs into a local virtual environment (.venv):
+#   make demo   the self-check: every op against its reference, plus the GPU build report
+#   make test   the test suite (Triton kernels run in the interpreter when there is no GPU)
+# The torch requirement is overridable: CI pins the CPU build with the default below; on a GPU machine,
+# e.g. `make test TORCH="torch"` or point VENV at an environment that already has a CUDA torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/nodeprune selfcheck
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache
