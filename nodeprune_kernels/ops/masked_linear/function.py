@@ -45,6 +45,12 @@ def _mode(side):
     return 0 if side is None else (1 if side[1] == 0 and side[0].dim() == 1 else 2)
 
 
+def _weight_as(weight, out_in: bool, shape: str):
+    """(W, row stride, column stride) reading W as [K, N] (``shape="KN"``, for x W^T) or [N, K] ("NK")."""
+    s_out, s_in = (weight.stride(0), weight.stride(1)) if out_in else (weight.stride(1), weight.stride(0))
+    return (weight, s_in, s_out) if shape == "KN" else (weight, s_out, s_in)
+
+
 def _levels(las, groups, offsets):
     return [(la.contiguous(), g, o) for la, g, o in zip(las, groups, offsets)]
 
@@ -96,7 +102,7 @@ def gated_matmul(a, b, M, R, C, *, seed, training, ac=None, r_levels=(), c_level
     if e is not None:
         part = empty((triton.cdiv(M, cfg["BLOCK_M"]), C), dtype=torch.float32, device=a[0].device)
     if M == 0:
-        return None if part is None else part
+        return part
     dummy = a[0]
     none = (dummy, 0, 0)
     ac_, yc_, e_, ec_ = (t if t is not None else none for t in (ac, yc, e, ec))
@@ -162,9 +168,7 @@ class MaskedLinearFunction(torch.autograd.Function):
         else:
             yc = None
         y = empty((M, N), dtype=x.dtype, device=x.device)
-        b = (weight, weight.stride(1), weight.stride(0)) if spec.out_in else (weight, weight.stride(0),
-                                                                                weight.stride(1))
-        gated_matmul((x2, x2.stride(0), x2.stride(1)), b, M, K, N, seed=spec.seed, training=spec.training,
+        gated_matmul((x2, x2.stride(0), x2.stride(1)), _weight_as(weight, spec.out_in, "KN"), M, K, N, seed=spec.seed, training=spec.training,
                      ac=_rows(x_ablate, K), r_levels=in_levels, c_levels=out_levels, out=y, yc=yc)
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, x_ablate, *log_alphas)
@@ -191,9 +195,7 @@ class MaskedLinearFunction(torch.autograd.Function):
         if need_dx or any(need_in):
             # P = (dy * z_out) W; dx = P * z_in; per-feature sums of P * (x - x_c) for the input gates
             dx2 = empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-            b = (weight, weight.stride(0), weight.stride(1)) if spec.out_in else (weight, weight.stride(1),
-                                                                                    weight.stride(0))
-            part = gated_matmul((dy2, dy2.stride(0), dy2.stride(1)), b, M, N, K, r_levels=out_levels,
+            part = gated_matmul((dy2, dy2.stride(0), dy2.stride(1)), _weight_as(weight, spec.out_in, "NK"), M, N, K, r_levels=out_levels,
                                 c_levels=in_levels, out=dx2,
                                 e=(x2, x2.stride(0), x2.stride(1)) if any(need_in) else None,
                                 ec=_rows(x_ablate, K) if any(need_in) else None, **kw)
@@ -204,9 +206,7 @@ class MaskedLinearFunction(torch.autograd.Function):
 
         if any(need_out):
             # recompute Q = ((x - x_c) * z_in) W^T instead of saving it; per-feature sums of dy * Q
-            b = (weight, weight.stride(1), weight.stride(0)) if spec.out_in else (weight, weight.stride(0),
-                                                                                    weight.stride(1))
-            part = gated_matmul((x2, x2.stride(0), x2.stride(1)), b, M, K, N, ac=_rows(x_ablate, K),
+            part = gated_matmul((x2, x2.stride(0), x2.stride(1)), _weight_as(weight, spec.out_in, "KN"), M, K, N, ac=_rows(x_ablate, K),
                                 r_levels=in_levels, e=(dy2, dy2.stride(0), dy2.stride(1)), **kw)
             grads_out = level_grads(part.sum(0), out_levels, need_out, **kw)
 
