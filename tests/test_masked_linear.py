@@ -222,3 +222,65 @@ def test_frozen_linear_baseline_saves_nothing_but_weight(device):
     with SavedTensorBytes(ignore=[lin.weight, lin.bias]) as saved:
         lin(x)
     assert saved.bytes == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_inputs_get_clear_errors(backend, device):
+    x = torch.randn(3, K, device=device)
+    w = torch.randn(N, K, device=device)
+    la_n = torch.zeros(K, device=device)
+
+    def call(**kw):
+        args = dict(x=x, weight=w, backend=backend)
+        args.update(kw)
+        return masked_linear(args.pop("x"), args.pop("weight"), args.pop("bias", None), **args)
+
+    with pytest.raises(ValueError, match="tile the feature dimension"):
+        call(in_gates=[Gate(torch.zeros(5, device=device), 10)])
+    with pytest.raises(ValueError, match="tile the feature dimension"):
+        call(out_gates=[Gate(la_n, 1)])  # K gates on N outputs
+    with pytest.raises(TypeError, match="float16 but x is torch.float32"):
+        call(weight=w.half())
+    with pytest.raises(TypeError, match="x_ablate is torch.bfloat16"):
+        call(x_ablate=torch.zeros(K, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="is on meta"):
+        call(in_gates=[Gate(torch.zeros(K, device="meta"), 1)])
+    with pytest.raises(ValueError, match="is on meta"):
+        call(bias=torch.zeros(N, device="meta"))
+    with pytest.raises(ValueError, match="weight has shape"):
+        call(weight=torch.randn(N, K + 1, device=device))
+    with pytest.raises(ValueError, match="weight has shape"):
+        call(weight=w, weight_layout="in_out")
+    with pytest.raises(ValueError, match="unknown weight_layout"):
+        call(weight_layout="transposed")
+    with pytest.raises(ValueError, match="non-finite"):
+        call(in_gates=[Gate(torch.tensor([float("inf")] * K, device=device), 1)])
+    with pytest.raises(ValueError, match="at most 4"):
+        call(in_gates=[Gate(torch.zeros(1, device=device), K)] * 5)
+    with pytest.raises(ValueError, match="requires grad"):
+        call(x_ablate=torch.zeros(K, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match="x_ablate must be"):
+        call(x_ablate=torch.zeros(2, K, device=device))
+    with pytest.raises(ValueError, match="y_ablate must be"):
+        call(y_ablate=torch.zeros(K, device=device))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        call(bias=torch.zeros(K, device=device))
+    with pytest.raises(ValueError, match="1-D"):
+        call(in_gates=[Gate(torch.zeros(1, K, device=device), 1)])
+    with pytest.raises(ValueError, match="group"):
+        call(in_gates=[Gate(la_n, 0)])
+    with pytest.raises(TypeError, match="sequence of Gate"):
+        call(in_gates=Gate(la_n, 1))
+    with pytest.raises(ValueError, match="seed"):
+        call(seed=-3)
+
+
+def test_triton_rejects_float64_and_cpu_without_interpreter(monkeypatch, device):
+    x = torch.randn(3, K, dtype=torch.float64, device=device)
+    w = torch.randn(N, K, dtype=torch.float64, device=device)
+    with pytest.raises(TypeError, match="backend='reference'"):
+        masked_linear(x, w, backend="triton")
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="CUDA"):
+            masked_linear(x.float(), w.float(), backend="triton")
