@@ -13,15 +13,8 @@ from .ops import Gate, gate_noise, hard_concrete, masked_linear
 from .ops.hard_concrete.reference import hard_concrete_reference
 from .ops.masked_linear.reference import masked_linear_reference
 from .utils.memory import SavedTensorBytes
-
-TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def _rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from .utils.testing import TOL
+from .utils.testing import rel_err as _rel
 
 
 def _masked_linear_case(dtype, ablation, device, tokens=(4, 24), d_in=96, d_out=80, heads=4):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,6 @@ class LaunchRecord:
     aligned: tuple  # names of pointer / int args divisible by 16
     num_warps: int
     num_stages: int
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 def _specialize(v):
@@ -62,7 +61,7 @@ def _specialize(v):
         raise TypeError(f"cannot describe kernel argument {v!r}")
 
 
-def _describe(kernel, args: dict) -> LaunchRecord:
+def _describe(kernel, args: dict, num_warps: int, num_stages: int) -> LaunchRecord:
     fn = getattr(kernel, "fn", kernel)
     signature, constexprs, aligned = [], [], []
     for p in inspect.signature(fn).parameters.values():
@@ -79,14 +78,14 @@ def _describe(kernel, args: dict) -> LaunchRecord:
             signature.append((p.name, kind))
             if attr == "D":
                 aligned.append(p.name)
-    return LaunchRecord(fn.__module__, fn.__name__, tuple(signature), tuple(constexprs), tuple(aligned), 0, 0)
+    return LaunchRecord(fn.__module__, fn.__name__, tuple(signature), tuple(constexprs), tuple(aligned), num_warps,
+                        num_stages)
 
 
 def launch(kernel, grid, *, num_warps: int = 4, num_stages: int = 2, **args):
     """Launch ``kernel[grid](**args)`` and record the specialisation for any active recorder."""
     if _RECORDERS:
-        rec = _describe(kernel, args)
-        rec = LaunchRecord(**{**rec.__dict__, "num_warps": num_warps, "num_stages": num_stages})
+        rec = _describe(kernel, args, num_warps, num_stages)
         for r in _RECORDERS:
             r.append(rec)
     if _DRY_RUN[0]:

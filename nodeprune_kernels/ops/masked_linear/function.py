@@ -168,8 +168,9 @@ class MaskedLinearFunction(torch.autograd.Function):
         else:
             yc = None
         y = empty((M, N), dtype=x.dtype, device=x.device)
-        gated_matmul((x2, x2.stride(0), x2.stride(1)), _weight_as(weight, spec.out_in, "KN"), M, K, N, seed=spec.seed, training=spec.training,
-                     ac=_rows(x_ablate, K), r_levels=in_levels, c_levels=out_levels, out=y, yc=yc)
+        gated_matmul((x2, x2.stride(0), x2.stride(1)), _weight_as(weight, spec.out_in, "KN"), M, K, N,
+                     seed=spec.seed, training=spec.training, ac=_rows(x_ablate, K), r_levels=in_levels,
+                     c_levels=out_levels, out=y, yc=yc)
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, x_ablate, *log_alphas)
         return y.view(*x.shape[:-1], N)
@@ -195,8 +196,8 @@ class MaskedLinearFunction(torch.autograd.Function):
         if need_dx or any(need_in):
             # P = (dy * z_out) W; dx = P * z_in; per-feature sums of P * (x - x_c) for the input gates
             dx2 = empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-            part = gated_matmul((dy2, dy2.stride(0), dy2.stride(1)), _weight_as(weight, spec.out_in, "NK"), M, N, K, r_levels=out_levels,
-                                c_levels=in_levels, out=dx2,
+            part = gated_matmul((dy2, dy2.stride(0), dy2.stride(1)), _weight_as(weight, spec.out_in, "NK"), M, N, K,
+                                r_levels=out_levels, c_levels=in_levels, out=dx2,
                                 e=(x2, x2.stride(0), x2.stride(1)) if any(need_in) else None,
                                 ec=_rows(x_ablate, K) if any(need_in) else None, **kw)
             if any(need_in):
@@ -206,8 +207,9 @@ class MaskedLinearFunction(torch.autograd.Function):
 
         if any(need_out):
             # recompute Q = ((x - x_c) * z_in) W^T instead of saving it; per-feature sums of dy * Q
-            part = gated_matmul((x2, x2.stride(0), x2.stride(1)), _weight_as(weight, spec.out_in, "KN"), M, K, N, ac=_rows(x_ablate, K),
-                                r_levels=in_levels, e=(dy2, dy2.stride(0), dy2.stride(1)), **kw)
+            part = gated_matmul((x2, x2.stride(0), x2.stride(1)), _weight_as(weight, spec.out_in, "KN"), M, K, N,
+                                ac=_rows(x_ablate, K), r_levels=in_levels, e=(dy2, dy2.stride(0), dy2.stride(1)),
+                                **kw)
             grads_out = level_grads(part.sum(0), out_levels, need_out, **kw)
 
         dw = db = None

@@ -7,7 +7,8 @@ One gated GEMM kernel serves the forward and both halves of the backward:
     part[pid_m, c] = sum_{m in tile} acc[m, c] * (E[m, c] - E_c[m, c])   (COLSUM)
 
 zR and zC are gate stacks (up to four levels each) sampled inside the kernel from (seed, index), so no
-gate or noise tensor is ever read or written. A_c, Y_c, E_c may be absent (mode 0), vectors over the columns (mode 1) or [M, cols] tensors (mode 2).
+gate or noise tensor is ever read or written. A_c, Y_c, E_c may be absent (mode 0), vectors over the
+columns (mode 1) or [M, cols] tensors (mode 2).
 
 - forward:           A = x, A_c = x_c, zR = z_in, B = W^T, zC = z_out, Y_c = y_c        -> y'
 - dx and dz_in:      A = dy, zR = z_out, B = W, zC = z_in, E = x, E_c = x_c           -> dx, sum_t P * delta
