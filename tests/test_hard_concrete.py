@@ -125,3 +125,21 @@ def test_unknown_backend_and_missing_gpu(monkeypatch):
         hard_concrete(torch.zeros(3), seed=0, backend="triton")
     # auto falls back to the reference on CPU without the interpreter
     torch.testing.assert_close(hard_concrete(torch.zeros(3), seed=0), hard_concrete_reference(torch.zeros(3)))
+
+
+def test_finite_check_is_not_fooled_by_reused_memory():
+    """A new non-finite log_alpha must be caught even where a checked finite one lived before."""
+    for _ in range(50):
+        la = torch.zeros(64)
+        hard_concrete(la, seed=0, backend="reference")
+        del la
+        with pytest.raises(ValueError, match="non-finite"):
+            hard_concrete(torch.full((64,), float("inf")), seed=0, backend="reference")
+
+
+def test_finite_check_sees_in_place_updates():
+    la = torch.zeros(8)
+    hard_concrete(la, seed=0, backend="reference")
+    la[3] = float("nan")  # bumps the version counter, as an optimizer step does
+    with pytest.raises(ValueError, match="index \\(3,\\)"):
+        hard_concrete(la, seed=0, backend="reference")

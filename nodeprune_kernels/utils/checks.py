@@ -1,6 +1,8 @@
 """Input validation with messages a user can act on."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..ops.hard_concrete.reference import MAX_INDEX, MAX_SEED
@@ -27,8 +29,10 @@ def check_log_alpha(log_alpha, what: str) -> None:
     if not log_alpha.is_floating_point():
         raise TypeError(f"{what}: log_alpha must be a floating tensor, got {log_alpha.dtype}")
     base = log_alpha._base if log_alpha._base is not None else log_alpha
-    key = (base.device, base.untyped_storage().data_ptr(), base.data_ptr(), base.numel(), base._version)
-    if key in _FINITE_OK:
+    # Cache by object identity and version: a weak reference tells a live tensor from a new one that
+    # happens to reuse a freed tensor's address (or id).
+    cached = _FINITE_OK.get(id(base))
+    if cached is not None and cached[0]() is base and cached[1] == base._version:
         return
     if not bool(torch.isfinite(base.detach()).all()):
         bad = (~torch.isfinite(log_alpha.detach())).nonzero()
@@ -39,4 +43,4 @@ def check_log_alpha(log_alpha, what: str) -> None:
         )
     if len(_FINITE_OK) > 4096:
         _FINITE_OK.clear()
-    _FINITE_OK[key] = True
+    _FINITE_OK[id(base)] = (weakref.ref(base), base._version)
