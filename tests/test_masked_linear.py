@@ -1,13 +1,15 @@
 import warnings
+import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, rel_err
+from helpers import GATE_GRAD_TOL, assert_close, rel_err
 from nodeprune_kernels import Gate, masked_linear
 from nodeprune_kernels.ops.masked_linear.reference import masked_linear_reference
 from nodeprune_kernels.utils.memory import SavedTensorBytes
+from nodeprune_kernels.utils.testing import TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 K, N, H = 72, 40, 6  # odd feature sizes: not multiples of any block size
@@ -60,14 +62,14 @@ def check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, trai
         if g_ref.abs().max() == 0:  # e.g. a gate clamped shut: its gradient is exactly zero
             assert torch.all(g == 0), name
         else:
-            assert_close(g, g_ref, x.dtype, name)
+            assert_close(g, g_ref, x.dtype, name, tols=GATE_GRAD_TOL if name != "dx" else TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ablation", ["zero", "mean", "interchange"])
 @pytest.mark.parametrize("gates", ["n", "o", "LBHn", "BHo", "LBHno"])
 def test_matches_reference(dtype, ablation, gates, device):
-    torch.manual_seed(hash((str(dtype), ablation, gates)) % 2**31)
+    torch.manual_seed(zlib.crc32(f"{dtype}-{ablation}-{gates}".encode()))  # same data every run
     x, w, b, x_ablate = make_inputs(dtype, device, ablation=ablation)
     in_gates, out_gates = make_gates(gates, K, N, device)
     check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in")
