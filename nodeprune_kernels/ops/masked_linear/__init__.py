@@ -6,45 +6,14 @@ from typing import Sequence
 import torch
 
 from ...utils.backend import resolve_backend
-from ...utils.checks import check_log_alpha, check_seed_offset
-from .reference import MAX_LEVELS, Gate, masked_linear_reference
+from ...utils.checks import check_seed_offset
+from ..gate_stack import Gate, as_gates
+from .reference import masked_linear_reference
 
 __all__ = ["masked_linear", "Gate", "masked_linear_reference"]
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _as_gates(gates, side: str, n_features: int, device, seed: int) -> tuple:
-    if isinstance(gates, Gate) or isinstance(gates, torch.Tensor):
-        raise TypeError(f"{side} must be a sequence of Gate levels, e.g. [Gate(log_alpha, group, offset)]")
-    out = []
-    for i, g in enumerate(gates):
-        what = f"{side}[{i}]"
-        if not isinstance(g, Gate):
-            try:
-                g = Gate(*g)
-            except TypeError:
-                raise TypeError(f"{what} must be a Gate(log_alpha, group, offset), got {type(g).__name__}") from None
-        if not isinstance(g.log_alpha, torch.Tensor):
-            raise TypeError(f"{what}: log_alpha must be a torch.Tensor, got {type(g.log_alpha).__name__}")
-        if g.log_alpha.device != device:
-            raise ValueError(f"{what}: log_alpha is on {g.log_alpha.device}, x is on {device}; move them to one "
-                             "device")
-        check_log_alpha(g.log_alpha, what)
-        if g.log_alpha.dim() != 1:
-            raise ValueError(f"{what}: log_alpha must be 1-D, got shape {tuple(g.log_alpha.shape)}")
-        if isinstance(g.group, bool) or not isinstance(g.group, int) or g.group < 1:
-            raise ValueError(f"{what}: group must be a positive int, got {g.group!r}")
-        if g.log_alpha.numel() * g.group != n_features:
-            raise ValueError(
-                f"{what}: {g.log_alpha.numel()} gates x group {g.group} = {g.log_alpha.numel() * g.group} "
-                f"features, but the layer has {n_features} {side.split('_')[0]}put features; the groups "
-                "must tile the feature dimension exactly"
-            )
-        check_seed_offset(seed, g.offset, g.log_alpha.numel(), what)
-        out.append(g)
-    return tuple(out)
 
 
 def masked_linear(
@@ -131,12 +100,8 @@ def masked_linear(
             raise ValueError(f"masked_linear: {name} requires grad, but ablation values are constants; pass "
                              f"{name}.detach() (corrupted activations come from a no-grad pass)")
     check_seed_offset(seed, 0, 1)
-    in_gates = _as_gates(in_gates, "in_gates", K, x.device, seed)
-    out_gates = _as_gates(out_gates, "out_gates", N, x.device, seed)
-    for side, stack in (("in_gates", in_gates), ("out_gates", out_gates)):
-        if len(stack) > MAX_LEVELS:
-            raise ValueError(f"masked_linear: {side} has {len(stack)} levels; at most {MAX_LEVELS} are supported "
-                             "(layer, block, head, neuron). Multiply extra levels into one log_alpha first.")
+    in_gates = as_gates(in_gates, "in_gates", K, x.device, seed)
+    out_gates = as_gates(out_gates, "out_gates", N, x.device, seed)
 
     if resolve_backend(backend, x.device) == "reference":
         return masked_linear_reference(x, weight, bias, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,

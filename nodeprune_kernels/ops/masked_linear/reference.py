@@ -7,40 +7,10 @@ contiguous groups of features (DESIGN.md section 4). Autograd differentiates eve
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
-
 import torch
 import torch.nn.functional as F
 
-from ..hard_concrete.reference import hard_concrete_reference
-
-MAX_LEVELS = 4  # gate levels per side that the fused kernels accept (layer, block, head, neuron)
-
-
-class Gate(NamedTuple):
-    """One level of a gate stack.
-
-    ``log_alpha`` is 1-D; its element k gates the contiguous features ``[k * group, (k + 1) * group)``,
-    and its Philox index (the source of its noise) is ``offset + k``. A feature's gate is the product
-    over the levels of its stack.
-    """
-
-    log_alpha: torch.Tensor
-    group: int = 1
-    offset: int = 0
-
-
-def feature_gates_reference(gates: Sequence[Gate], n_features: int, seed: int, training: bool,
-                            dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """The per-feature gate (product over levels), shape [n_features], or None for an empty stack."""
-    z = None
-    for g in gates:
-        la = g.log_alpha if dtype is None else g.log_alpha.to(dtype)
-        zl = hard_concrete_reference(la, seed=seed, offset=g.offset, training=training)
-        zl = zl.repeat_interleave(g.group)
-        z = zl if z is None else z * zl
-    assert z is None or z.numel() == n_features
-    return z
+from ..gate_stack import MAX_LEVELS, Gate, feature_gates_reference  # noqa: F401  (re-exported)
 
 
 def masked_linear_reference(x, weight, bias=None, *, in_gates=(), out_gates=(), x_ablate=None, y_ablate=None,
