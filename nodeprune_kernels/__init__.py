@@ -1,5 +1,6 @@
 """nodeprune-kernels: fused Triton kernels for multi-granular node pruning of Hugging Face causal LMs."""
-from .ops import Gate, expected_l0, gate_noise, hard_concrete, masked_linear
+from .ops import Gate, expected_l0, gate_noise, hard_concrete, masked_attn_out_proj, masked_linear, masked_mlp
 
 __version__ = "0.1.0"
-__all__ = ["Gate", "hard_concrete", "expected_l0", "gate_noise", "masked_linear", "__version__"]
+__all__ = ["Gate", "hard_concrete", "expected_l0", "gate_noise", "masked_linear", "masked_attn_out_proj",
+           "masked_mlp", "__version__"]

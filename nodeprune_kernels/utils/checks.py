@@ -44,3 +44,31 @@ def check_log_alpha(log_alpha, what: str) -> None:
     if len(_FINITE_OK) > 4096:
         _FINITE_OK.clear()
     _FINITE_OK[id(base)] = (weakref.ref(base), base._version)
+
+
+def check_like(op: str, x: torch.Tensor, **named) -> None:
+    """Each named tensor (None allowed) must be a tensor of x's dtype on x's device."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
+def check_constant(op: str, **named) -> None:
+    """Ablation values are constants: none of the named tensors may require grad."""
+    for name, t in named.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad, but ablation values are constants; pass "
+                             f"{name}.detach() (corrupted activations come from a no-grad pass)")
+
+
+def check_shape(op: str, name: str, t, *allowed) -> None:
+    """t (None allowed) must have one of the ``allowed`` shapes."""
+    if t is not None and tuple(t.shape) not in [tuple(a) for a in allowed]:
+        options = " or ".join(str(list(a)) for a in allowed)
+        raise ValueError(f"{op}: {name} must have shape {options}, got {list(t.shape)}")

@@ -38,10 +38,10 @@ from ..gate_stack import MAX_LEVELS  # noqa: F401  (the kernels take up to this 
 
 # activation ids (constexpr ACT); the names users pass are mapped in ops/masked_mlp
 ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_RELU = 1, 2, 3, 4
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-_TANH_K = tl.constexpr(1.5957691216057308)  # 2 * sqrt(2 / pi): gelu_tanh(x) = x * sigmoid(K (x + c x^3))
-_TANH_C = tl.constexpr(0.044715)
+# gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x * sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3). The constants
+# are written as literals in the jit functions (a constexpr global times a tensor trips the interpreter):
+# 1.5957691216057308 = 2 sqrt(2 / pi), 0.0713548162726009 = 2 sqrt(2 / pi) * 0.044715,
+# 0.7071067811865476 = 1 / sqrt(2), 0.3989422804014327 = 1 / sqrt(2 pi).
 
 
 @triton.jit
@@ -50,9 +50,9 @@ def _act(x, ACT: tl.constexpr):
     if ACT == 1:
         return x * tl.sigmoid(x)
     elif ACT == 2:
-        return 0.5 * x * (1.0 + tl.erf(x * _SQRT1_2))
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 3:
-        return x * tl.sigmoid(_TANH_K * (x + _TANH_C * x * x * x))
+        return x * tl.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * x * x))
     else:
         return tl.maximum(x, 0.0)
 
@@ -64,11 +64,11 @@ def _act_grad(x, ACT: tl.constexpr):
         s = tl.sigmoid(x)
         return x * s, s * (1.0 + x * (1.0 - s))
     elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.erf(x * _SQRT1_2))
-        return x * cdf, cdf + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        return x * cdf, cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
     elif ACT == 3:
-        s = tl.sigmoid(_TANH_K * (x + _TANH_C * x * x * x))
-        return x * s, s + x * s * (1.0 - s) * _TANH_K * (1.0 + 3.0 * _TANH_C * x * x)
+        s = tl.sigmoid(x * (1.5957691216057308 + 0.0713548162726009 * x * x))
+        return x * s, s + x * s * (1.0 - s) * (1.5957691216057308 + 3.0 * 0.0713548162726009 * x * x)
     else:
         return tl.maximum(x, 0.0), tl.where(x > 0.0, 1.0, 0.0)
 

@@ -1,12 +1,13 @@
 """The masked linear: a linear layer whose input and output features carry hard-concrete gate stacks."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from ...utils.backend import resolve_backend
-from ...utils.checks import check_seed_offset
+from ...utils.checks import check_constant, check_like, check_seed_offset, check_shape
 from ..gate_stack import Gate, as_gates
 from .reference import masked_linear_reference
 
@@ -37,7 +38,8 @@ def masked_linear(
     ablation, closing a gate is exactly zeroing the matching weight column (input) or row (output).
 
     Args:
-        x: [..., K] float32, float16 or bfloat16; any leading dimensions, any strides.
+        x: [..., K] float32, float16 or bfloat16; any leading dimensions, any strides (read in place
+            where the layout allows, e.g. two non-mergeable leading dimensions).
         weight: [N, K] (``weight_layout="out_in"``, nn.Linear) or [K, N] (``"in_out"``, GPT-2 Conv1D),
             x's dtype and device. Never copied to change layout.
         bias: [N] or None, x's dtype. Only used to form y_c when ``y_ablate`` is None.
@@ -60,59 +62,60 @@ def masked_linear(
         log_alpha; the fused backward saves only x (and x_c), and recomputes the rest. A weight or bias
         that requires grad gets a correct gradient through a slower reference path (warned once).
     """
+    return masked_projection("masked_linear", x, weight, bias, feature_dims=1, in_gates=in_gates,
+                             out_gates=out_gates, x_ablate=x_ablate, y_ablate=y_ablate, seed=seed, training=training,
+                             weight_layout=weight_layout, backend=backend)
+
+
+def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates, x_ablate, y_ablate, seed,
+                      training, weight_layout, backend):
+    """Validate and dispatch a masked linear whose input features are x's last ``feature_dims`` dims."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("masked_linear: x and weight must be tensors")
+        raise TypeError(f"{op}: x and weight must be tensors")
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"unknown weight_layout {weight_layout!r}; choose 'out_in' ([out, in], nn.Linear) or "
                          "'in_out' ([in, out], GPT-2 Conv1D)")
-    if x.dim() < 1:
-        raise ValueError("masked_linear: x must have at least one dimension (its last is the input features)")
+    if x.dim() < feature_dims:
+        what = "its last is the input features" if feature_dims == 1 else "its last two are heads and head dims"
+        raise ValueError(f"{op}: x must have at least {feature_dims} dimension(s) ({what}), got shape "
+                         f"{list(x.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"masked_linear: weight must be 2-D, got shape {tuple(weight.shape)}")
-    K = x.shape[-1]
+        raise ValueError(f"{op}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    features = tuple(x.shape[x.dim() - feature_dims:])
+    lead = tuple(x.shape[:x.dim() - feature_dims])
+    K = math.prod(features)
     N, K_w = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
     if K_w != K:
         expect = "[N, %d]" % K if weight_layout == "out_in" else "[%d, N]" % K
-        raise ValueError(f"masked_linear: x has {K} input features but weight has shape {tuple(weight.shape)}; "
+        raise ValueError(f"{op}: x has {K} input features but weight has shape {tuple(weight.shape)}; "
                          f"with weight_layout={weight_layout!r} it must be {expect}")
     if not x.is_floating_point():
-        raise TypeError(f"masked_linear: x must be floating point, got {x.dtype}")
-    named = {"weight": weight, "bias": bias, "x_ablate": x_ablate, "y_ablate": y_ablate}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"masked_linear: {name} must be a tensor or None, got {type(t).__name__}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"masked_linear: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
-        if t.device != x.device:
-            raise ValueError(f"masked_linear: {name} is on {t.device} but x is on {x.device}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"masked_linear: bias must have shape ({N},), got {tuple(bias.shape)}")
-    if x_ablate is not None and tuple(x_ablate.shape) not in ((K,), tuple(x.shape)):
-        raise ValueError(f"masked_linear: x_ablate must be [{K}] (mean) or x's shape {tuple(x.shape)} "
-                         f"(interchange), got {tuple(x_ablate.shape)}")
-    if y_ablate is not None and tuple(y_ablate.shape) not in ((N,), (*x.shape[:-1], N)):
-        raise ValueError(f"masked_linear: y_ablate must be [{N}] or {(*x.shape[:-1], N)}, got "
-                         f"{tuple(y_ablate.shape)}")
-    for name in ("x_ablate", "y_ablate"):
-        if named[name] is not None and named[name].requires_grad:
-            raise ValueError(f"masked_linear: {name} requires grad, but ablation values are constants; pass "
-                             f"{name}.detach() (corrupted activations come from a no-grad pass)")
+        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+    check_like(op, x, weight=weight, bias=bias, x_ablate=x_ablate, y_ablate=y_ablate)
+    check_shape(op, "bias", bias, (N,))
+    means = [(K,)] if feature_dims == 1 else [(K,), features]
+    if x_ablate is not None and tuple(x_ablate.shape) not in [*means, tuple(x.shape)]:
+        raise ValueError(f"{op}: x_ablate must be {' or '.join(str(list(m)) for m in means)} (mean) or x's shape "
+                         f"{list(x.shape)} (interchange), got {list(x_ablate.shape)}")
+    if y_ablate is not None and tuple(y_ablate.shape) not in ((N,), (*lead, N)):
+        raise ValueError(f"{op}: y_ablate must be [{N}] or {[*lead, N]}, got {list(y_ablate.shape)}")
+    check_constant(op, x_ablate=x_ablate, y_ablate=y_ablate)
     check_seed_offset(seed, 0, 1)
     in_gates = as_gates(in_gates, "in_gates", K, x.device, seed)
     out_gates = as_gates(out_gates, "out_gates", N, x.device, seed)
 
     if resolve_backend(backend, x.device) == "reference":
-        return masked_linear_reference(x, weight, bias, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,
-                                       y_ablate=y_ablate, seed=seed, training=training, weight_layout=weight_layout)
+        flat = (lambda t: t if t is None or feature_dims == 1 or t.dim() < 2 else t.flatten(-2))
+        return masked_linear_reference(flat(x), weight, bias, in_gates=in_gates, out_gates=out_gates,
+                                       x_ablate=flat(x_ablate), y_ablate=y_ablate, seed=seed, training=training,
+                                       weight_layout=weight_layout)
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"masked_linear (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
+        raise TypeError(f"{op} (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
                         "backend='reference' for other dtypes")
     from .function import MaskedLinearFunction, Spec
 
     spec = Spec(K, N, tuple(g.group for g in in_gates), tuple(g.offset for g in in_gates),
                 tuple(g.group for g in out_gates), tuple(g.offset for g in out_gates), seed, bool(training),
-                weight_layout == "out_in", y_ablate is not None)
+                weight_layout == "out_in", y_ablate is not None, feature_dims)
     las = [g.log_alpha for g in in_gates] + [g.log_alpha for g in out_gates]
     return MaskedLinearFunction.apply(x, weight, bias, x_ablate, y_ablate, spec, *las)
