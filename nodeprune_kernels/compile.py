@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 ARCHS = (90, 80)
@@ -82,16 +83,29 @@ def _compile_one(rec: dict, arch: int) -> dict:
     }
 
 
-def compile_records(records, archs=ARCHS) -> list[dict]:
-    """Compile each distinct record for each arch in a clean subprocess; returns one dict per build."""
+def compile_records(records, archs=ARCHS, jobs: int | None = None) -> list[dict]:
+    """Compile each distinct record for each arch in clean subprocesses (``jobs`` at a time, default one
+    per CPU); returns one dict per build, in the order of the records."""
     unique = list(dict.fromkeys(records))
-    payload = json.dumps({"records": [asdict(r) for r in unique], "archs": list(archs)})
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(unique)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "nodeprune_kernels.compile", "--worker"], input=payload,
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"GPU compilation failed:\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    chunks = [unique[i::jobs] for i in range(jobs)]
+
+    def run(chunk):
+        payload = json.dumps({"records": [asdict(r) for r in chunk], "archs": list(archs)})
+        proc = subprocess.run([sys.executable, "-m", "nodeprune_kernels.compile", "--worker"], input=payload,
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"GPU compilation failed:\n{proc.stderr[-6000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(run, chunks))
+    per_record = {}
+    for chunk, rows in zip(chunks, results):
+        for i, rec in enumerate(chunk):
+            per_record[rec] = rows[i * len(archs):(i + 1) * len(archs)]
+    return [row for rec in unique for row in per_record[rec]]
 
 
 def standard_records():
@@ -101,11 +115,11 @@ def standard_records():
     """
     import torch
 
-    from .ops import Gate, hard_concrete, masked_linear
+    from .ops import Gate, hard_concrete, masked_attn_out_proj, masked_linear, masked_mlp
     from .utils.launch import record_launches
 
     dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0" else "cpu"
-    K, N, H = 64, 48, 4
+    K, N, H, FF = 64, 48, 4, 96
     with record_launches(gpu_configs=True, execute=False) as records:
         la = torch.zeros(7, device=dev, requires_grad=True)
         for training in (True, False):
@@ -115,11 +129,32 @@ def standard_records():
             w = torch.zeros(N, K, dtype=dtype, device=dev)
             b = torch.zeros(N, dtype=dtype, device=dev)
             lv = [torch.zeros(n, device=dev, requires_grad=True) for n in (1, H, K, N)]
+            gates = dict(in_gates=[Gate(lv[0], K), Gate(lv[1], K // H), Gate(lv[2], 1)], out_gates=[Gate(lv[3], 1, 500)])
             ablations = [None, torch.zeros(K, dtype=dtype, device=dev), torch.zeros_like(x).detach()]
             for x_ablate in ablations if dtype == torch.bfloat16 else ablations[:1]:
-                y = masked_linear(x, w, b, in_gates=[Gate(lv[0], K), Gate(lv[1], K // H), Gate(lv[2], 1)],
-                                  out_gates=[Gate(lv[3], 1, 500)], x_ablate=x_ablate, seed=3, backend="triton")
+                y = masked_linear(x, w, b, x_ablate=x_ablate, seed=3, backend="triton", **gates)
                 y.float().sum().backward()
+            # the attention output as SDPA leaves it, [B, H, S, D] read through a transpose (split operands)
+            o = torch.zeros(2, H, 5, K // H, dtype=dtype, device=dev, requires_grad=True)
+            masked_attn_out_proj(o.transpose(1, 2), w, seed=3, backend="triton", **gates).float().sum().backward()
+            # the MLP: gated and not, each activation, each ablation (bf16), hidden-unit and output gates
+            xm = torch.zeros(2, 5, N, dtype=dtype, device=dev, requires_grad=True)
+            up, gw, down = (torch.zeros(FF, N, dtype=dtype, device=dev), torch.zeros(FF, N, dtype=dtype, device=dev),
+                            torch.zeros(N, FF, dtype=dtype, device=dev))
+            lm = [torch.zeros(n, device=dev, requires_grad=True) for n in (1, FF, N)]
+            mgates = dict(in_gates=[Gate(lm[0], FF), Gate(lm[1], 1, 1)], out_gates=[Gate(lm[2], 1, 200)])
+            mlps = [("silu", gw), ("gelu", gw), ("gelu_tanh", gw), ("gelu_tanh", None), ("gelu", None),
+                    ("relu", None)]
+            for act, gate_w in mlps if dtype == torch.bfloat16 else mlps[:1] + mlps[3:4]:
+                masked_mlp(xm, up, down, gate_weight=gate_w, activation=act, seed=3, backend="triton",
+                           **mgates).float().sum().backward()
+            if dtype == torch.bfloat16:
+                corrupt = torch.zeros_like(xm).detach()
+                for gate_w in (gw, None):
+                    for abl in (dict(hidden_ablate=torch.zeros(FF, dtype=dtype, device=dev)),
+                                dict(x_corrupt=corrupt), dict(x_corrupt=corrupt, cache_corrupt_hidden=True)):
+                        masked_mlp(xm, up, down, gate_weight=gate_w, seed=3, backend="triton", **abl,
+                                   **mgates).float().sum().backward()
     return records
 
 
@@ -127,8 +162,17 @@ def role(r) -> str:
     """What a gated-matmul build is used for, from its constexprs (forward, dx, output-gate recompute)."""
     c = r["constexprs"]
     if r["kernel"] == "_gated_matmul_kernel":
-        name = "dx+dz_in" if c["STORE_OUT"] and c["COLSUM"] else "dz_out" if c["COLSUM"] else "forward"
-        ablation = {0: "", 1: " mean", 2: " interch."}[c["AC_MODE"] or c["EC_MODE"]]
+        if c["OUT_KIND"] == 1:
+            name = "mlp dh" + ("+dz_in" if c["COLSUM"] else "")
+        elif c["A_HIDDEN"]:
+            name = "mlp dz_out" if c["COLSUM"] else "mlp fwd"
+        else:
+            name = "dx+dz_in" if c["STORE_OUT"] and c["COLSUM"] else "dz_out" if c["COLSUM"] else "forward"
+        if any(k not in c for k in ("A_M1", "A_R1", "E_M1", "E_C1")):  # a split size, not the constant 1
+            name += " split"
+        ablation = {0: "", 1: " mean", 2: " interch.", 3: " rebuild"}[c["AC_MODE"] or c["EC_MODE"]]
+        if c["A_HIDDEN"] or c["E_HIDDEN"]:
+            name += {1: " silu", 2: " gelu", 3: " gelu_t", 4: " relu"}[c["ACT"]] + (" glu" if c["GLU"] else "")
         return name + ablation
     if r["kernel"] == "_gate_level_grad_kernel":
         return f"level {c['TARGET']}/{c['N_LEVELS']}"
@@ -136,14 +180,14 @@ def role(r) -> str:
 
 
 def format_table(rows) -> str:
-    head = f"{'kernel':<26} {'role':<17} {'arch':<6} {'dtypes':<10} {'tile':<10} {'warps':>5} {'stages':>6} " \
+    head = f"{'kernel':<26} {'role':<30} {'arch':<6} {'dtypes':<10} {'tile':<10} {'warps':>5} {'stages':>6} " \
            f"{'regs':>5} {'spill':>6} {'smem':>7} {'mma':<9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else ("FMA" if r["has_dot"] else "-")
         c = r["constexprs"]
         tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_C", "BLOCK_R", "BLOCK_G", "BLOCK_F", "BLOCK") if k in c)
-        lines.append(f"{r['kernel']:<26} {role(r):<17} {r['arch']:<6} {','.join(r['dtypes']):<10} {tile:<10} "
+        lines.append(f"{r['kernel']:<26} {role(r):<30} {r['arch']:<6} {','.join(r['dtypes']):<10} {tile:<10} "
                      f"{r['num_warps']:>5} "
                      f"{r['num_stages']:>6} {r['registers']:>5} {r['spill_stores'] + r['spill_loads']:>6} "
                      f"{r['shared_bytes']:>7} {mma:<9}")

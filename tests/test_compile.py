@@ -4,7 +4,7 @@ The interpreter compiles nothing; this catches what only the GPU compiler reject
 """
 import pytest
 
-from nodeprune_kernels.compile import ARCHS, compile_records, standard_records
+from nodeprune_kernels.compile import ARCHS, compile_records, role, standard_records
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,15 @@ def test_every_kernel_compiles_for_each_arch(builds):
                        "_gate_level_grad_kernel"}
     # forward, dx and dz_out GEMMs for each of fp32, fp16, bf16, and the mean / interchange variants
     assert sum(r.name == "_gated_matmul_kernel" for r in records) >= 3 * 3 + 2 * 3
+    roles = {(role(r), r["arch"]) for r in rows}
+    for arch in ("sm_90", "sm_80"):
+        # the attention output read through SDPA's transpose, and every activation of the MLP's three GEMMs
+        assert {("forward split", arch), ("dx+dz_in split", arch), ("dz_out split", arch)} <= roles
+        for act in ("silu glu", "gelu glu", "gelu_t glu", "gelu_t", "gelu", "relu"):
+            assert {(f"mlp fwd {act}", arch), (f"mlp dh+dz_in {act}", arch), (f"mlp dz_out {act}", arch)} <= roles
+        # interchange with h_c rebuilt from the corrupted input, in the prologue and in the epilogue
+        assert {(f"mlp fwd {a} rebuild", arch) for a in ("silu glu", "silu")} <= roles
+        assert (f"mlp dh+dz_in silu glu rebuild", arch) in roles
 
 
 def test_no_register_spills(builds):

@@ -109,17 +109,24 @@ def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def gemm_config(dtype, M, R, C, heavy_epilogue=False):
-    """Tile sizes, warps and stages. Chosen so that no build spills registers on sm_90 or sm_80 (checked by
-    tests/test_compile.py); not yet tuned on a GPU (DESIGN.md: autotune there, one config here)."""
+def gemm_config(dtype, M, R, C, heavy_prologue=False, epilogue=0):
+    """Tile sizes, warps and stages. Chosen so that no build spills registers on sm_90 or sm_80 and shared
+    memory fits both (checked by tests/test_compile.py); not yet tuned on a GPU (DESIGN.md: autotune there,
+    one config here).
+
+    ``heavy_prologue``: the A tile is built from several tensors (the MLP's hidden units, act(g) * u, or
+    h - h_c): a K step of 32, two stages. The activation is recomputed once per C tile, d_model / BLOCK_C
+    times per hidden unit: the price of never writing h, to be weighed against wider tiles on a GPU.
+    ``epilogue``: 0 a plain store, 1 gating sums, 2 the MLP's activation backward with a second tensor or
+    an ablation (narrowest tiles)."""
     if interpreter_configs():  # every program instance costs ~ms there: few, large tiles
         return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_C=_pow2(C, 16, 64), BLOCK_R=_pow2(R, 16, 64), GROUP_M=8,
                     num_warps=4, num_stages=1)
     if dtype == torch.float32:  # fp32 dots run on FMA units unless tf32 is allowed
         return dict(BLOCK_M=64, BLOCK_C=64, BLOCK_R=16, GROUP_M=8, num_warps=4, num_stages=3)
-    # gating, a column reduction or an activation backward in the epilogue need registers: narrower tiles
-    return dict(BLOCK_M=128, BLOCK_C=64 if heavy_epilogue else 128, BLOCK_R=64, GROUP_M=8, num_warps=8,
-                num_stages=3)
+    if heavy_prologue:  # two stages: deeper pipelines made ptxas cap these builds at 128 registers and spill
+        return dict(BLOCK_M=128, BLOCK_C=(128, 64, 32)[epilogue], BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_C=(128, 64, 32)[epilogue], BLOCK_R=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _dot_mode(dtype):
@@ -144,7 +151,13 @@ def gated_matmul(a: Operand, b, M: int, R: int, C: int, *, seed: int, training: 
     """
     dtype = b[0].dtype
     colsum = e is not None if colsum is None else colsum
-    cfg = gemm_config(dtype, M, R, C, heavy_epilogue=(bool(c_levels) and e is not None) or out_kind == 1)
+    # the MLP's A tile from two tensors (g, u) or with a tensor ablation: registers for the activation
+    heavy_prologue = a.mode == HIDDEN and (a.u is not None or (ac is not None and ac.mode != VECTOR))
+    if out_kind == 1:
+        epilogue = 2 if e.u is not None or ec is not None else 1
+    else:
+        epilogue = 1 if e is not None and (c_levels or ec is not None) else 0
+    cfg = gemm_config(dtype, M, R, C, heavy_prologue, epilogue)
     dot_fp32, precision = _dot_mode(dtype)
     part = None
     if colsum:
