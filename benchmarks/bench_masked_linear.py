@@ -11,14 +11,14 @@ versions and date.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import platform
 import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_row, write_csv  # noqa: E402
 
 SHAPES = [  # (tokens, d_in, d_out): Llama-3-8B o_proj / down_proj, GPT-2 small c_proj / mlp c_proj
     (8192, 4096, 4096),
@@ -54,14 +54,6 @@ def saved_bytes_per_token(M, K, N, dtype, device):
             masked_linear(x, w, in_gates=in_gates, out_gates=out_gates, backend=backend)
         out[f"masked_linear ({'fused' if backend == 'triton' else 'eager reference'})"] = s.bytes / M
     return out
-
-
-def env_row():
-    import triton
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat()}
 
 
 def main():
@@ -109,11 +101,7 @@ def main():
                              "tflops_equiv": flops / med / 1e9})
                 print(f"{M}x{K}x{N} {phase:<8} {mode:<28} {med:8.3f} ms  {flops / med / 1e9:7.1f} TFLOP/s")
         name = f"masked_linear_{base['device'].replace(' ', '_')}.csv"
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    out = write_csv(rows, name, args.out)
     for r in rows if args.saved_only else []:
         print(f"{r['tokens']}x{r['d_in']}x{r['d_out']} {r['mode']:<32} {r['saved_bytes_per_token']:10.1f} B/token")
     print(f"wrote {out}")
