@@ -16,7 +16,6 @@ no-grad pass of the corrupted tokens). Results: benchmarks/results/ as CSV with 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_row, write_csv  # noqa: E402
+from common import env_row, parse_args, write_csv  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -129,6 +128,16 @@ def layer_forward(x, p, gates, s: LayerShape, mode: str, corrupt=None, seed=0):
     return x + y
 
 
+def _cases(x_c, p, s: LayerShape):
+    """(ablation, corrupted sites, mode) of every measurement: the frozen floor once, then each ablation
+    with the eager and the fused masked layer."""
+    yield "-", None, "frozen"
+    for ablation in ("zero", "interchange"):
+        corrupt = corrupted_sites(x_c, p, s) if ablation == "interchange" else None
+        for mode in ("eager", "fused"):
+            yield ablation, corrupt, mode
+
+
 def saved_bytes_rows(s: LayerShape, dtype, device, batch=1, seq=64):
     from nodeprune_kernels.utils.launch import record_launches
     from nodeprune_kernels.utils.memory import SavedTensorBytes
@@ -139,18 +148,14 @@ def saved_bytes_rows(s: LayerShape, dtype, device, batch=1, seq=64):
     x = torch.randn(batch, seq, s.d_model, generator=gen).to(device, dtype).requires_grad_()
     x_c = torch.randn(batch, seq, s.d_model, generator=gen).to(device, dtype)
     rows = []
-    for ablation in ("zero", "interchange"):
-        corrupt = corrupted_sites(x_c, p, s) if ablation == "interchange" else None
-        for mode in ("frozen", "eager", "fused"):
-            if mode == "frozen" and ablation == "interchange":
-                continue
-            dry = mode == "fused" and device == "cpu"
-            ctx = record_launches(gpu_configs=True, execute=False) if dry else contextlib.nullcontext()
-            with ctx, SavedTensorBytes(ignore=params) as saved:
-                layer_forward(x, p, gates, s, mode, corrupt)
-            rows.append({"layer": s.name, "dtype": str(dtype).replace("torch.", ""), "tokens": batch * seq,
-                         "ablation": "-" if mode == "frozen" else ablation, "mode": mode,
-                         "saved_bytes_per_token": saved.bytes / (batch * seq)})
+    for ablation, corrupt, mode in _cases(x_c, p, s):
+        dry = mode == "fused" and device == "cpu"
+        ctx = record_launches(gpu_configs=True, execute=False) if dry else contextlib.nullcontext()
+        with ctx, SavedTensorBytes(ignore=params) as saved:
+            layer_forward(x, p, gates, s, mode, corrupt)
+        rows.append({"layer": s.name, "dtype": str(dtype).replace("torch.", ""), "tokens": batch * seq,
+                     "ablation": ablation, "mode": mode,
+                     "saved_bytes_per_token": saved.bytes / (batch * seq)})
     return rows
 
 
@@ -162,46 +167,31 @@ def gpu_rows(s: LayerShape, dtype, tokens=8192, seq=1024):
     x = torch.randn(tokens // seq, seq, s.d_model, device="cuda", dtype=dtype, requires_grad=True)
     x_c = torch.randn_like(x).detach()
     rows = []
-    for ablation in ("zero", "interchange"):
-        corrupt = corrupted_sites(x_c, p, s) if ablation == "interchange" else None
-        for mode in ("frozen", "eager", "fused"):
-            if mode == "frozen" and ablation == "interchange":
-                continue
-            leaves = [x] + ([] if mode == "frozen" else list(gates.values()))
+    for ablation, corrupt, mode in _cases(x_c, p, s):
+        leaves = [x] + ([] if mode == "frozen" else list(gates.values()))
 
-            def step():
-                y = layer_forward(x, p, gates, s, mode, corrupt)
-                return torch.autograd.grad(y.float().square().mean(), leaves)
+        def step():
+            y = layer_forward(x, p, gates, s, mode, corrupt)
+            return torch.autograd.grad(y.float().square().mean(), leaves)
 
-            step()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            med, lo, hi = triton.testing.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])
-            rows.append({"layer": s.name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
-                         "ablation": "-" if mode == "frozen" else ablation, "mode": mode,
-                         "peak_mib_above_inputs": peak / 2**20, "ms_median": med, "ms_p20": lo, "ms_p80": hi})
-            print(f"{s.name:<18} {rows[-1]['ablation']:<12} {mode:<7} peak {peak / 2**20:9.1f} MiB  {med:8.2f} ms")
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        med, lo, hi = triton.testing.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])
+        rows.append({"layer": s.name, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens,
+                     "ablation": ablation, "mode": mode,
+                     "peak_mib_above_inputs": peak / 2**20, "ms_median": med, "ms_p20": lo, "ms_p80": hi})
+        print(f"{s.name:<18} {rows[-1]['ablation']:<12} {mode:<7} peak {peak / 2**20:9.1f} MiB  {med:8.2f} ms")
     return rows
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--saved-only", action="store_true", help="only the exact saved-bytes table (any device)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        if not args.saved_only:
-            sys.exit("no CUDA GPU: peak memory and time need one. Run with --saved-only for the exact saved-bytes "
-                     "table.")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    device = "cuda" if cuda else "cpu"
+    args, dtype, device = parse_args(__doc__.splitlines()[0], "peak memory and time")
+    cuda = device == "cuda"
     base = env_row()
     rows = [{**base, **r} for s in (LLAMA, GPT2) for r in saved_bytes_rows(s, dtype, device)]
     for r in rows:

@@ -10,7 +10,6 @@ versions and date.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_row, write_csv  # noqa: E402
+from common import env_row, parse_args, write_csv  # noqa: E402
 
 SHAPES = [  # (tokens, d_in, d_out): Llama-3-8B o_proj / down_proj, GPT-2 small c_proj / mlp c_proj
     (8192, 4096, 4096),
@@ -57,18 +56,8 @@ def saved_bytes_per_token(M, K, N, dtype, device):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--saved-only", action="store_true", help="only the exact saved-bytes table (any device)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        if not args.saved_only:
-            sys.exit("no CUDA GPU: timings need one. Run with --saved-only for the exact saved-bytes table.")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    device = "cuda" if cuda else "cpu"
+    args, dtype, device = parse_args(__doc__.splitlines()[0], "timings")
+    cuda = device == "cuda"
     base = env_row()
     rows = []
     if args.saved_only:

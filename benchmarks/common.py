@@ -30,3 +30,21 @@ def write_csv(rows: list[dict], name: str, out: str | None = None) -> str:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def parse_args(description: str, gpu_needs: str):
+    """The benchmarks' shared options: (args, dtype, device). Without a GPU only ``--saved-only`` runs, with
+    the kernels in Triton's interpreter; otherwise the script exits saying what ``gpu_needs`` a GPU for."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--saved-only", action="store_true", help="only the exact saved-bytes table (any device)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/<name>.csv)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        if not args.saved_only:
+            sys.exit(f"no CUDA GPU: {gpu_needs} need one. Run with --saved-only for the exact saved-bytes table.")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return args, getattr(torch, args.dtype), "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ...utils.alloc import empty
-from ...utils.backend import warn_once
 from ..gated_gemm import (Split, choose_split, gate_levels, gated_matmul, level_grads, tensor_operand,
                           vector_operand, weight_operand)
-from .reference import Gate, masked_linear_reference
+from ..slow_path import reference_param_grads
+from .reference import masked_linear_reference
 
 
 @dataclass(frozen=True)
@@ -118,28 +118,13 @@ class MaskedLinearFunction(torch.autograd.Function):
 
 
 def _parameter_grads(spec, x, weight, bias, x_ablate, las, dy, need_w, need_b):
-    """Weight and bias gradients through the reference (slow, materialises activations; warned once)."""
-    warn_once(
-        "masked_linear_weight_grad",
-        "masked_linear: the weight or bias requires grad, so its gradient is computed by the plain-PyTorch "
-        "reference in the backward (slower, more memory). Freeze the weights (requires_grad_(False)) for "
-        "the fused path; node pruning trains only the gates.",
-    )
-    n_lvl_in = len(spec.in_groups)
-    in_gates = [Gate(la.detach(), g, o) for la, g, o in zip(las[:n_lvl_in], spec.in_groups, spec.in_offsets)]
-    out_gates = [Gate(la.detach(), g, o) for la, g, o in zip(las[n_lvl_in:], spec.out_groups, spec.out_offsets)]
-    with torch.enable_grad():
-        w = weight.detach().requires_grad_(need_w)
-        b = bias.detach().requires_grad_(need_b) if bias is not None else None
-        flat = (lambda t: t if t is None or spec.feature_dims == 1 or t.dim() < 2 else t.flatten(-2))
-        y = masked_linear_reference(
+    """Weight and bias gradients through the reference (see ops/slow_path.py)."""
+    flat = (lambda t: t if t is None or spec.feature_dims == 1 or t.dim() < 2 else t.flatten(-2))
+
+    def run(in_gates, out_gates, w, b):
+        return masked_linear_reference(
             flat(x.detach()), w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=flat(x_ablate),
             y_ablate=torch.zeros((), dtype=x.dtype, device=x.device) if spec.has_y_ablate else None,
             seed=spec.seed, training=spec.training, weight_layout="out_in" if spec.out_in else "in_out")
-        wanted = [t for t in (w, b) if t is not None and t.requires_grad]
-        grads = list(torch.autograd.grad(y, wanted, dy, allow_unused=True))
-    dw = grads.pop(0) if need_w else None
-    db = grads.pop(0) if need_b and b is not None else None
-    if need_b and db is None and b is not None:
-        db = torch.zeros_like(bias)
-    return dw, db
+
+    return reference_param_grads("masked_linear", spec, las, (weight, bias), (need_w, need_b), dy, run)

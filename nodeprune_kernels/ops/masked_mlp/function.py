@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ...utils.alloc import empty
-from ...utils.backend import warn_once
-from ..gate_stack import Gate
 from ..gated_gemm import (gate_levels, gated_matmul, hidden_operand, level_grads, tensor_operand, vector_operand,
                           weight_operand)
 from ..gated_gemm.kernels import ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU
+from ..slow_path import reference_param_grads
 from .reference import ACTIVATIONS, masked_mlp_reference
 
 ACT_IDS = {"silu": ACT_SILU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
@@ -158,34 +157,18 @@ class MaskedMLPFunction(torch.autograd.Function):
         params = [None] * 6
         if any(need[1:7]):
             params = _parameter_grads(spec, x, (up_w, down_w, gate_w, up_b, gate_b, down_b), need[1:7],
-                                      hidden_ablate, x_corrupt if x_corrupt is not None else None, h_cached, las, dy)
+                                      hidden_ablate, x_corrupt, h_cached, las, dy)
         return (dx, *params, None, None, None, *grads_in, *grads_out)
 
 
 def _parameter_grads(spec: Spec, x, params, need, hidden_ablate, x_corrupt, h_cached, las, dy):
-    """Weight and bias gradients through the reference (slow, materialises activations; warned once)."""
-    warn_once(
-        "masked_mlp_weight_grad",
-        "masked_mlp: a weight or bias requires grad, so its gradient is computed by the plain-PyTorch reference "
-        "in the backward (slower, more memory). Freeze the weights (requires_grad_(False)) for the fused path; "
-        "node pruning trains only the gates.",
-    )
-    n_lvl_in = len(spec.in_groups)
-    in_gates = [Gate(la.detach(), g, o) for la, g, o in zip(las[:n_lvl_in], spec.in_groups, spec.in_offsets)]
-    out_gates = [Gate(la.detach(), g, o) for la, g, o in zip(las[n_lvl_in:], spec.out_groups, spec.out_offsets)]
-    with torch.enable_grad():
-        ps = [p if p is None else p.detach().requires_grad_(bool(n)) for p, n in zip(params, need)]
-        up_w, down_w, gate_w, up_b, gate_b, down_b = ps
-        h_c = h_cached if h_cached is not None else hidden_ablate
-        y = masked_mlp_reference(
+    """Weight and bias gradients through the reference (see ops/slow_path.py)."""
+
+    def run(in_gates, out_gates, up_w, down_w, gate_w, up_b, gate_b, down_b):
+        return masked_mlp_reference(
             x.detach(), up_w, down_w, gate_weight=gate_w, up_bias=up_b, gate_bias=gate_b, down_bias=down_b,
-            activation=spec.activation, in_gates=in_gates, out_gates=out_gates, hidden_ablate=h_c,
-            x_corrupt=x_corrupt, seed=spec.seed, training=spec.training,
-            weight_layout="out_in" if spec.out_in else "in_out")
-        wanted = [p for p in ps if p is not None and p.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
-    out = []
-    for p in ps:
-        g = next(grads) if p is not None and p.requires_grad else None
-        out.append(torch.zeros_like(p) if g is None and p is not None and p.requires_grad else g)
-    return out
+            activation=spec.activation, in_gates=in_gates, out_gates=out_gates,
+            hidden_ablate=h_cached if h_cached is not None else hidden_ablate, x_corrupt=x_corrupt, seed=spec.seed,
+            training=spec.training, weight_layout="out_in" if spec.out_in else "in_out")
+
+    return reference_param_grads("masked_mlp", spec, las, params, need, dy, run)
