@@ -4,6 +4,7 @@ Plain PyTorch and free of Triton, so the public ops can validate their arguments
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
@@ -74,3 +75,32 @@ def as_gates(gates, side: str, n_features: int, device, seed: int) -> tuple:
         raise ValueError(f"{side} has {len(out)} levels; at most {MAX_LEVELS} are supported (layer, block, head, "
                          "neuron). Multiply extra levels into one log_alpha first.")
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """The non-tensor half of an op's two gate stacks (their log_alphas travel as autograd inputs)."""
+
+    in_groups: tuple
+    in_offsets: tuple
+    out_groups: tuple
+    out_offsets: tuple
+    seed: int
+    training: bool
+
+    @staticmethod
+    def fields_of(in_gates, out_gates, seed, training) -> dict:
+        """Keyword arguments of a StackSpec (or subclass) for validated gate stacks."""
+        return dict(in_groups=tuple(g.group for g in in_gates), in_offsets=tuple(g.offset for g in in_gates),
+                    out_groups=tuple(g.group for g in out_gates), out_offsets=tuple(g.offset for g in out_gates),
+                    seed=seed, training=bool(training))
+
+    def levels(self, las):
+        """(input levels, output levels) as (contiguous log_alpha, group, offset) for the kernels."""
+        n = len(self.in_groups)
+        return ([(la.contiguous(), g, o) for la, g, o in zip(las[:n], self.in_groups, self.in_offsets)],
+                [(la.contiguous(), g, o) for la, g, o in zip(las[n:], self.out_groups, self.out_offsets)])
+
+    def gates(self, las):
+        """(input stack, output stack) as Gate lists of detached log_alphas, for the references."""
+        return tuple([Gate(la.detach(), g, o) for la, g, o in lv] for lv in self.levels(las))

@@ -9,14 +9,12 @@ from __future__ import annotations
 import torch
 
 from ..utils.backend import warn_once
-from .gate_stack import Gate
 
 
 def reference_param_grads(op: str, spec, las, params, need, dy, run_reference):
     """Gradients of ``params`` (None where not needed) for the incoming ``dy``.
 
-    ``spec`` has in_groups / in_offsets / out_groups / out_offsets; ``run_reference(in_gates, out_gates,
-    *params)`` recomputes the op's output from detached gates and the given parameter leaves.
+    ``spec`` is the op's :class:`StackSpec`; ``run_reference(in_gates, out_gates, *params)`` recomputes the op's output from detached gates and the given parameter leaves.
     """
     warn_once(
         f"{op}_weight_grad",
@@ -24,9 +22,7 @@ def reference_param_grads(op: str, spec, las, params, need, dy, run_reference):
         "the backward (slower, more memory). Freeze the weights (requires_grad_(False)) for the fused path; "
         "node pruning trains only the gates.",
     )
-    n_in = len(spec.in_groups)
-    in_gates = [Gate(la.detach(), g, o) for la, g, o in zip(las[:n_in], spec.in_groups, spec.in_offsets)]
-    out_gates = [Gate(la.detach(), g, o) for la, g, o in zip(las[n_in:], spec.out_groups, spec.out_offsets)]
+    in_gates, out_gates = spec.gates(las)
     with torch.enable_grad():
         ps = [p if p is None else p.detach().requires_grad_(bool(n)) for p, n in zip(params, need)]
         y = run_reference(in_gates, out_gates, *ps)

@@ -92,11 +92,6 @@ def weight_operand(weight: torch.Tensor, out_in: bool, shape: str):
     return (weight, s_in, s_out) if shape == "KN" else (weight, s_out, s_in)
 
 
-def gate_levels(las, groups, offsets):
-    """(log_alpha, group, offset) triples of one side's gate stack."""
-    return [(la.contiguous(), g, o) for la, g, o in zip(las, groups, offsets)]
-
-
 def _level_kwargs(prefix, levels, dummy):
     kw = {}
     for i in range(MAX_LEVELS):

@@ -114,8 +114,7 @@ def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates,
                         "backend='reference' for other dtypes")
     from .function import MaskedLinearFunction, Spec
 
-    spec = Spec(K, N, tuple(g.group for g in in_gates), tuple(g.offset for g in in_gates),
-                tuple(g.group for g in out_gates), tuple(g.offset for g in out_gates), seed, bool(training),
-                weight_layout == "out_in", y_ablate is not None, feature_dims)
+    spec = Spec(n_in=K, n_out=N, out_in=weight_layout == "out_in", has_y_ablate=y_ablate is not None,
+                feature_dims=feature_dims, **Spec.fields_of(in_gates, out_gates, seed, training))
     las = [g.log_alpha for g in in_gates] + [g.log_alpha for g in out_gates]
     return MaskedLinearFunction.apply(x, weight, bias, x_ablate, y_ablate, spec, *las)

@@ -7,24 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from ...utils.alloc import empty
-from ..gated_gemm import (Split, choose_split, gate_levels, gated_matmul, level_grads, tensor_operand,
+from ..gate_stack import StackSpec
+from ..gated_gemm import (Split, choose_split, gated_matmul, level_grads, tensor_operand,
                           vector_operand, weight_operand)
 from ..slow_path import reference_param_grads
 from .reference import masked_linear_reference
 
 
 @dataclass(frozen=True)
-class Spec:
+class Spec(StackSpec):
     """Everything about a masked_linear call that is not a tensor."""
 
     n_in: int
     n_out: int
-    in_groups: tuple
-    in_offsets: tuple
-    out_groups: tuple
-    out_offsets: tuple
-    seed: int
-    training: bool
     out_in: bool  # weight is [out, in] (nn.Linear); else [in, out] (GPT-2 Conv1D)
     has_y_ablate: bool
     feature_dims: int = 1  # x is [..., K] (1) or [..., H, D] with K = H * D (2: attention outputs)
@@ -49,9 +44,7 @@ class MaskedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_ablate, y_ablate, spec: Spec, *log_alphas):
         K, N = spec.n_in, spec.n_out
-        n_lvl_in = len(spec.in_groups)
-        in_levels = gate_levels(log_alphas[:n_lvl_in], spec.in_groups, spec.in_offsets)
-        out_levels = gate_levels(log_alphas[n_lvl_in:], spec.out_groups, spec.out_offsets)
+        in_levels, out_levels = spec.levels(log_alphas)
         lead = x.shape[:x.dim() - spec.feature_dims]
         M = x.numel() // K if K else lead.numel()
         split = choose_split(x, spec.feature_dims)
@@ -80,9 +73,8 @@ class MaskedLinearFunction(torch.autograd.Function):
         spec: Spec = ctx.spec
         x, weight, bias, x_ablate, *las = ctx.saved_tensors
         K, N = spec.n_in, spec.n_out
-        n_lvl_in = len(spec.in_groups)
-        in_levels = gate_levels(las[:n_lvl_in], spec.in_groups, spec.in_offsets)
-        out_levels = gate_levels(las[n_lvl_in:], spec.out_groups, spec.out_offsets)
+        in_levels, out_levels = spec.levels(las)
+        n_lvl_in = len(in_levels)
         need = ctx.needs_input_grad
         need_dx = need[0]
         need_in = need[6:6 + n_lvl_in]

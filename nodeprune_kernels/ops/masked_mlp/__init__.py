@@ -128,8 +128,9 @@ def masked_mlp(
     from .function import MaskedMLPFunction, Spec
 
     params = (up_weight, down_weight, gate_weight, up_bias, gate_bias, down_bias)
-    spec = Spec(d_model, d_ff, activation, tuple(g.group for g in in_gates), tuple(g.offset for g in in_gates),
-                tuple(g.group for g in out_gates), tuple(g.offset for g in out_gates), seed, bool(training), out_in,
-                bool(cache_corrupt_hidden), any(p is not None and p.requires_grad for p in params))
+    spec = Spec(d_model=d_model, d_ff=d_ff, activation=activation, out_in=out_in,
+                cache_corrupt_hidden=bool(cache_corrupt_hidden),
+                save_input=any(p is not None and p.requires_grad for p in params),
+                **Spec.fields_of(in_gates, out_gates, seed, training))
     las = [g.log_alpha for g in in_gates] + [g.log_alpha for g in out_gates]
     return MaskedMLPFunction.apply(x, *params, hidden_ablate, x_corrupt, spec, *las)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ...utils.alloc import empty
-from ..gated_gemm import (gate_levels, gated_matmul, hidden_operand, level_grads, tensor_operand, vector_operand,
+from ..gate_stack import StackSpec
+from ..gated_gemm import (gated_matmul, hidden_operand, level_grads, tensor_operand, vector_operand,
                           weight_operand)
 from ..gated_gemm.kernels import ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU
 from ..slow_path import reference_param_grads
@@ -25,18 +26,12 @@ ACT_IDS = {"silu": ACT_SILU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu
 
 
 @dataclass(frozen=True)
-class Spec:
+class Spec(StackSpec):
     """Everything about a masked_mlp call that is not a tensor."""
 
     d_model: int
     d_ff: int
     activation: str  # canonical name
-    in_groups: tuple
-    in_offsets: tuple
-    out_groups: tuple
-    out_offsets: tuple
-    seed: int
-    training: bool
     out_in: bool
     cache_corrupt_hidden: bool
     save_input: bool  # a weight or bias requires grad: keep x for the (slow) reference backward
@@ -66,9 +61,7 @@ class MaskedMLPFunction(torch.autograd.Function):
     def forward(ctx, x, up_w, down_w, gate_w, up_b, gate_b, down_b, hidden_ablate, x_corrupt, spec: Spec,
                 *log_alphas):
         D, Fh = spec.d_model, spec.d_ff
-        n_lvl_in = len(spec.in_groups)
-        in_levels = gate_levels(log_alphas[:n_lvl_in], spec.in_groups, spec.in_offsets)
-        out_levels = gate_levels(log_alphas[n_lvl_in:], spec.out_groups, spec.out_offsets)
+        in_levels, out_levels = spec.levels(log_alphas)
         act = dict(act=ACT_IDS[spec.activation], glu=gate_w is not None, seed=spec.seed, training=spec.training)
         pre, lin = _pre_lin(x, up_w, gate_w, up_b, gate_b, spec)
         M = pre.shape[0]
@@ -110,9 +103,8 @@ class MaskedMLPFunction(torch.autograd.Function):
         x, pre, lin, up_w, down_w, gate_w, up_b, gate_b, down_b, hidden_ablate, x_corrupt, h_cached, *las = \
             ctx.saved_tensors
         D, Fh = spec.d_model, spec.d_ff
-        n_lvl_in = len(spec.in_groups)
-        in_levels = gate_levels(las[:n_lvl_in], spec.in_groups, spec.in_offsets)
-        out_levels = gate_levels(las[n_lvl_in:], spec.out_groups, spec.out_offsets)
+        in_levels, out_levels = spec.levels(las)
+        n_lvl_in = len(in_levels)
         need = ctx.needs_input_grad
         need_dx, need_in, need_out = need[0], need[10:10 + n_lvl_in], need[10 + n_lvl_in:]
         act = dict(act=ACT_IDS[spec.activation], glu=gate_w is not None, seed=spec.seed, training=spec.training)
