@@ -54,6 +54,18 @@ def _hidden_eager(pre, lin, spec: Spec):
     return (h if lin is None else h * lin.float()).to(pre.dtype)
 
 
+def _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, M, Fh):
+    """h_c as an operand: cached [M, d_ff], rebuilt from the corrupted (pre, lin), a [d_ff] mean, a per-token
+    tensor, or None (zero ablation)."""
+    if h_cached is not None:
+        return tensor_operand(h_cached, M, Fh)
+    if pre_lin_c is not None:
+        return hidden_operand(*pre_lin_c)
+    if hidden_ablate is not None:
+        return vector_operand(hidden_ablate) if hidden_ablate.dim() == 1 else tensor_operand(hidden_ablate, M, Fh)
+    return None
+
+
 class MaskedMLPFunction(torch.autograd.Function):
     """y' = y_c + z_out * (((h - h_c) * z_in) W_down^T) with h rebuilt from the saved pre-activations."""
 
@@ -67,14 +79,13 @@ class MaskedMLPFunction(torch.autograd.Function):
         M = pre.shape[0]
         down_kn = weight_operand(down_w, spec.out_in, "KN")
 
-        h_cached = None
+        h_cached = pre_lin_c = None
         if x_corrupt is not None:
-            pre_c, lin_c = _pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
+            pre_lin_c = _pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
             if spec.cache_corrupt_hidden:
-                h_cached = _hidden_eager(pre_c, lin_c, spec)
-                ac = tensor_operand(h_cached, M, Fh)
-            else:
-                ac = hidden_operand(pre_c, lin_c)
+                h_cached, pre_lin_c = _hidden_eager(*pre_lin_c, spec), None
+        ac = _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, M, Fh)
+        if x_corrupt is not None:
             # y_c = h_c W_down^T + b_down, with h_c built in the prologue (or read from the cache)
             y_c = empty((M, D), dtype=x.dtype, device=x.device)
             gated_matmul(ac, down_kn, M, Fh, D, out=y_c,
@@ -82,12 +93,9 @@ class MaskedMLPFunction(torch.autograd.Function):
             yc = tensor_operand(y_c, M, D)
         elif hidden_ablate is not None:
             y_c = _project(hidden_ablate, down_w, down_b, spec.out_in)
-            if hidden_ablate.dim() == 1:
-                ac, yc = vector_operand(hidden_ablate), vector_operand(y_c)
-            else:
-                ac, yc = tensor_operand(hidden_ablate, M, Fh), tensor_operand(y_c, M, D)
+            yc = vector_operand(y_c) if y_c.dim() == 1 else tensor_operand(y_c, M, D)
         else:
-            ac, yc = None, (vector_operand(down_b) if down_b is not None else None)
+            yc = vector_operand(down_b) if down_b is not None else None
 
         y = empty((M, D), dtype=x.dtype, device=x.device)
         gated_matmul(hidden_operand(pre, lin), down_kn, M, Fh, D, ac=ac, r_levels=in_levels, c_levels=out_levels,
@@ -114,13 +122,8 @@ class MaskedMLPFunction(torch.autograd.Function):
 
         ablation = None  # h_c: rebuilt from the corrupted input (two GEMMs) unless cached in the forward
         if any(need_in) or any(need_out):
-            if h_cached is not None:
-                ablation = tensor_operand(h_cached, M, Fh)
-            elif x_corrupt is not None:
-                ablation = hidden_operand(*_pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec))
-            elif hidden_ablate is not None:
-                ablation = (vector_operand(hidden_ablate) if hidden_ablate.dim() == 1
-                            else tensor_operand(hidden_ablate, M, Fh))
+            pre_lin_c = _pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec) if x_corrupt is not None else None
+            ablation = _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, M, Fh)
 
         dx, grads_in, grads_out = None, [None] * n_lvl_in, [None] * len(out_levels)
         if need_dx or any(need_in):
