@@ -1,0 +1,10 @@
+"""The model layer: node pruning on Hugging Face causal LMs, the circuit, and cutting it out."""
+from .circuit import Circuit
+from .families import FAMILIES, REGISTRY, Family, ModelDims
+from .masks import ABLATIONS, GRANULARITIES, NodeMasks
+from .patch import apply_node_pruning, is_patched, node_masks, remove_node_pruning
+
+SUPPORTED_MODEL_TYPES = tuple(sorted(REGISTRY))
+
+__all__ = ["apply_node_pruning", "remove_node_pruning", "node_masks", "is_patched", "NodeMasks", "Circuit",
+           "GRANULARITIES", "ABLATIONS", "SUPPORTED_MODEL_TYPES", "FAMILIES", "Family", "ModelDims"]

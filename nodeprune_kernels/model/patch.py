@@ -1,0 +1,170 @@
+"""Swapping the masked ops into a Hugging Face model's own instances, and taking them out again.
+
+Two sites per decoder layer get an instance-level ``forward`` (the classes are never touched, nothing is
+copied from HF's modeling files):
+
+- the attention output projection: its input is viewed as [..., H, d_head] and goes through
+  :func:`masked_attn_out_proj`. With SDPA's fused kernels (flash / memory-efficient / CPU flash) the HF
+  reshape before o_proj is a view of the attention kernel's own output, so the op saves a reference to
+  the tensor SDPA keeps anyway: no copy and no extra stored activation.
+- the MLP: one :func:`masked_mlp` call from the MLP's input (the hidden units never reach memory).
+
+A forward pre-hook on the model advances the gate sample once per training forward pass (so layers that
+gradient checkpointing recomputes during the backward see the same gates). ``remove_node_pruning``
+restores every patched attribute and each parameter's requires_grad.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..ops import masked_attn_out_proj, masked_mlp
+from ..ops.masked_mlp.reference import mlp_hidden_reference
+from ..utils.backend import BACKENDS
+from .families import Family, activation_of, family_of, model_dims
+from .masks import GRANULARITIES, NodeMasks
+
+_MISSING = object()
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Patch:
+    masks: NodeMasks
+    forwards: list = field(default_factory=list)  # (module, previous instance forward or _MISSING)
+    requires_grad: dict = field(default_factory=dict)
+    hook: object = None
+
+    def set_forward(self, module: nn.Module, fn):
+        self.forwards.append((module, module.__dict__.get("forward", _MISSING)))
+        module.forward = fn
+
+    def restore(self):
+        for module, old in reversed(self.forwards):
+            if old is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = old
+        self.forwards.clear()
+
+
+def _original(module: nn.Module, *args):
+    return type(module).forward(module, *args)
+
+
+def _attn_out_forward(masks: NodeMasks, layer: int, module: nn.Module, weight_layout: str, x: torch.Tensor):
+    xv = x.unflatten(-1, (-1, masks.dims.head_dim))
+    if masks._bypass:
+        if masks._recorder is not None:
+            masks._recorder("attn", layer, xv)
+        return _original(module, x)
+    gates = masks.attn_gates(layer)
+    if not gates:
+        return _original(module, x)
+    return masked_attn_out_proj(xv, module.weight, module.bias, in_gates=gates,
+                                x_ablate=masks.attn_ablation(layer, xv), seed=masks.sample_seed,
+                                training=masks._sampling(), weight_layout=weight_layout, backend=masks.backend)
+
+
+def _mlp_forward(masks: NodeMasks, layer: int, module: nn.Module, family: Family, activation: str,
+                 x: torch.Tensor):
+    if masks._bypass:
+        if masks._recorder is not None:
+            if masks._token_weight is not None:  # mean estimation: the hidden units
+                weights = family.mlp_weights(module)
+                h = mlp_hidden_reference(x, weights["up_weight"], gate_weight=weights["gate_weight"],
+                                         up_bias=weights["up_bias"], gate_bias=weights["gate_bias"],
+                                         activation=activation, weight_layout=family.weight_layout)
+                masks._recorder("mlp", layer, h)
+            else:  # interchange: the MLP input, from which the op rebuilds the hidden units
+                masks._recorder("mlp", layer, x)
+        return _original(module, x)
+    in_gates, out_gates = masks.mlp_gates(layer)
+    if not in_gates and not out_gates:
+        return _original(module, x)
+    y = masked_mlp(x, **family.mlp_weights(module), activation=activation, in_gates=in_gates, out_gates=out_gates,
+                   **masks.mlp_ablation(layer, x), seed=masks.sample_seed, training=masks._sampling(),
+                   weight_layout=family.weight_layout, backend=masks.backend)
+    if family.mlp_dropout:
+        y = getattr(module, family.mlp_dropout)(y)
+    return y
+
+
+def apply_node_pruning(model: nn.Module, granularities=GRANULARITIES, ablation: str = "zero",
+                       backend: str = "auto", seed: int = 0, *, init_log_alpha: float = 3.0, freeze: bool = True,
+                       cache_corrupt_hidden: bool = False) -> NodeMasks:
+    """Patch a loaded Hugging Face causal LM in place for node pruning; returns the gates.
+
+    Args:
+        model: a causal LM of a supported family (``nodeprune_kernels.SUPPORTED_MODEL_TYPES``), any dtype
+            and device. Its attention output projections and MLPs are patched on the instances.
+        granularities: any of "layer", "attn", "head", "attn_neuron", "mlp", "mlp_neuron", "mlp_out"
+            (default: all).
+        ablation: what a closed node's input becomes: "zero", "mean" (call ``masks.estimate_means`` first)
+            or "interchange" (run inside ``with masks.interchange(**corrupted_inputs):``).
+        backend: "auto" (Triton kernels on CUDA, the PyTorch reference on CPU), "triton" or "reference".
+        seed: the run's seed; gate samples are keyed by (seed, step, gate index).
+        init_log_alpha: the initial log_alpha of every gate (3.0: deterministic gates all 1).
+        freeze: set requires_grad=False on the model's parameters (restored by ``remove_node_pruning``);
+            frozen weights keep the fused backward free of weight gradients.
+        cache_corrupt_hidden: with interchange ablation, save the corrupted hidden units for the backward
+            instead of rebuilding them (d_ff more values per token; faster).
+
+    Returns:
+        The :class:`NodeMasks` that owns the log_alpha parameters; it is in training mode (sampled gates).
+    """
+    if model in _APPLIED:
+        raise RuntimeError("node pruning is already applied to this model; call "
+                           "nodeprune_kernels.remove_node_pruning(model) first")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    family = family_of(model)
+    dims = model_dims(model, family)
+    activation = activation_of(model.config)
+    masks = NodeMasks(model, family, dims, granularities, ablation=ablation, backend=backend, seed=seed,
+                      init_log_alpha=init_log_alpha, cache_corrupt_hidden=cache_corrupt_hidden)
+    state = _Patch(masks)
+    if freeze:
+        for name, p in model.named_parameters():
+            state.requires_grad[name] = p.requires_grad
+            p.requires_grad_(False)
+    for layer_idx, layer in enumerate(family.decoder_layers(model)):
+        o_proj, mlp = family.out_proj(layer), family.mlp_module(layer)
+        state.set_forward(o_proj, functools.partial(_attn_out_forward, masks, layer_idx, o_proj,
+                                                    family.weight_layout))
+        state.set_forward(mlp, functools.partial(_mlp_forward, masks, layer_idx, mlp, family, activation))
+    state.hook = model.register_forward_pre_hook(masks._advance)
+    _APPLIED[model] = state
+    return masks.train()
+
+
+def remove_node_pruning(model: nn.Module) -> NodeMasks:
+    """Undo :func:`apply_node_pruning`: the original modules and requires_grad flags come back exactly.
+
+    Returns the (now detached) NodeMasks, whose log_alphas and circuits stay usable.
+    """
+    state = _APPLIED.pop(model, None)
+    if state is None:
+        raise RuntimeError("node pruning is not applied to this model (nothing to remove)")
+    state.restore()
+    state.hook.remove()
+    params = dict(model.named_parameters())
+    for name, flag in state.requires_grad.items():
+        params[name].requires_grad_(flag)
+    return state.masks
+
+
+def node_masks(model: nn.Module) -> NodeMasks:
+    """The NodeMasks of a patched model."""
+    state = _APPLIED.get(model)
+    if state is None:
+        raise RuntimeError("node pruning is not applied to this model; call apply_node_pruning(model) first")
+    return state.masks
+
+
+def is_patched(model: nn.Module) -> bool:
+    return model in _APPLIED

@@ -1,0 +1,56 @@
+"""Tiny randomly initialised causal LMs of every supported family, built from configs (no hub access)."""
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+
+# family -> (config class, causal LM class, config kwargs). GQA (2 key/value heads for 4 query heads) where
+# the family has it; Gemma-2 runs eager attention (its logit soft-capping is not an SDPA feature).
+TINY = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, mlp_bias=True, attention_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=4)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=8,
+                                                         attn_implementation="eager")),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=2, head_dim=8,
+                                                                  sliding_window=4)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=40,
+                                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.5, use_parallel_residual=True,
+                                                             hidden_act="gelu", attention_bias=True)),
+}
+FAMILY_NAMES = tuple(TINY)
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0, device="cpu"):
+    """A 2-layer model of ``family`` with random weights of a useful scale (biases and norms too)."""
+    cfg_name, model_name, extra = TINY[family]
+    kwargs = dict(COMMON, **extra)
+    if family == "gpt2":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_size", "num_hidden_layers",
+                                                                "num_attention_heads", "intermediate_size",
+                                                                "max_position_embeddings")}
+    attn = kwargs.pop("attn_implementation", "sdpa")
+    config = getattr(tf, cfg_name)(**kwargs)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = getattr(tf, model_name)(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name or ".ln_" in name or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * noise if "gemma" not in family else 0.1 * noise)
+            else:
+                p.copy_(0.2 * noise)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tiny_batch(vocab=61, batch=2, seq=7, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
