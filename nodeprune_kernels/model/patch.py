@@ -1,12 +1,16 @@
 """Swapping the masked ops into a Hugging Face model's own instances, and taking them out again.
 
-Two sites per decoder layer get an instance-level ``forward`` (the classes are never touched, nothing is
-copied from HF's modeling files):
+Three modules per decoder layer get an instance-level ``forward`` (the classes are never touched, nothing
+is copied from HF's modeling files):
 
-- the attention output projection: its input is viewed as [..., H, d_head] and goes through
-  :func:`masked_attn_out_proj`. With SDPA's fused kernels (flash / memory-efficient / CPU flash) the HF
-  reshape before o_proj is a view of the attention kernel's own output, so the op saves a reference to
-  the tensor SDPA keeps anyway: no copy and no extra stored activation.
+- the attention output projection: its input, as [..., H, d_head], goes through
+  :func:`masked_attn_out_proj`, which saves a reference to it for the backward.
+- the attention module: its own forward runs under :class:`_ContiguousCapture`, which remembers the
+  strided attention-kernel output behind HF's ``attn_output.transpose(1, 2).contiguous()``. Where the
+  kernel's output layout makes that a copy (e.g. SDPA on GPT-NeoX's fused-QKV views, eager attention), the
+  o_proj gets the kernel's output itself, read through its strides: the op saves the tensor SDPA keeps
+  anyway and the copy is freed at once. Where the output is already [B, S, H, D] in memory (SDPA's flash
+  kernels on q/k/v views of separate projections), there is no copy to avoid.
 - the MLP: one :func:`masked_mlp` call from the MLP's input (the hidden units never reach memory).
 
 A forward pre-hook on the model advances the gate sample once per training forward pass (so layers that
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..ops import masked_attn_out_proj, masked_mlp
 from ..ops.masked_mlp.reference import mlp_hidden_reference
@@ -52,12 +57,56 @@ class _Patch:
         self.forwards.clear()
 
 
-def _original(module: nn.Module, *args):
-    return type(module).forward(module, *args)
+def _original(module: nn.Module, *args, **kwargs):
+    return type(module).forward(module, *args, **kwargs)
 
 
-def _attn_out_forward(masks: NodeMasks, layer: int, module: nn.Module, weight_layout: str, x: torch.Tensor):
-    xv = x.unflatten(-1, (-1, masks.dims.head_dim))
+class _ContiguousCapture(TorchFunctionMode):
+    """Remembers the last ``t.contiguous()`` that copied: (t, the copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.contiguous and out is not args[0]:
+            self.last = (args[0], out)
+        return out
+
+
+class _Site:
+    """What a layer's patched attention and o_proj share: the capture of the running attention forward."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.capture: _ContiguousCapture | None = None
+
+    def strided_source(self, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """x as [..., H, head_dim]: the attention kernel's output itself when x is only its copy."""
+        last = self.capture.last if self.capture is not None else None
+        if last is not None:
+            src, copy = last
+            if (copy.data_ptr() == x.data_ptr() and copy.numel() == x.numel() and src.dim() >= 2
+                    and src.shape[-1] == head_dim and src.shape[:-2] == x.shape[:-1]):
+                return src
+        return x.unflatten(-1, (-1, head_dim))
+
+
+def _attention_forward(site: _Site, module: nn.Module, *args, **kwargs):
+    if torch.compiler.is_compiling():  # the compiler plans memory itself; keep its graph free of the mode
+        return _original(module, *args, **kwargs)
+    prev = site.capture
+    with _ContiguousCapture() as site.capture:
+        try:
+            return _original(module, *args, **kwargs)
+        finally:
+            site.capture = prev
+
+
+def _attn_out_forward(masks: NodeMasks, site: _Site, module: nn.Module, weight_layout: str, x: torch.Tensor):
+    layer = site.layer
+    xv = site.strided_source(x, masks.dims.head_dim)
     if masks._bypass:
         if masks._recorder is not None:
             masks._recorder("attn", layer, xv)
@@ -133,9 +182,10 @@ def apply_node_pruning(model: nn.Module, granularities=GRANULARITIES, ablation: 
             state.requires_grad[name] = p.requires_grad
             p.requires_grad_(False)
     for layer_idx, layer in enumerate(family.decoder_layers(model)):
-        o_proj, mlp = family.out_proj(layer), family.mlp_module(layer)
-        state.set_forward(o_proj, functools.partial(_attn_out_forward, masks, layer_idx, o_proj,
-                                                    family.weight_layout))
+        attn, o_proj, mlp = family.attention(layer), family.out_proj(layer), family.mlp_module(layer)
+        site = _Site(layer_idx)
+        state.set_forward(attn, functools.partial(_attention_forward, site, attn))
+        state.set_forward(o_proj, functools.partial(_attn_out_forward, masks, site, o_proj, family.weight_layout))
         state.set_forward(mlp, functools.partial(_mlp_forward, masks, layer_idx, mlp, family, activation))
     state.hook = model.register_forward_pre_hook(masks._advance)
     _APPLIED[model] = state

@@ -1,0 +1,164 @@
+"""Node pruning in training: gate samples per step, gradients across backends, checkpointing, bf16, memory,
+errors."""
+import pytest
+import torch
+
+import nodeprune_kernels as npk
+from nodeprune_kernels.utils.memory import SavedTensorBytes
+from tiny_models import FAMILY_NAMES, tiny_batch, tiny_model
+
+from helpers import GATE_GRAD_TOL, assert_close
+
+
+def loss_and_grads(model, masks, ids, **kw):
+    masks.zero_grad(set_to_none=True)
+    out = model(ids, **kw).logits
+    loss = (out.float() ** 2).mean()
+    loss.backward()
+    return out.detach(), {g: la.grad.clone() for g, la in masks.log_alpha.items()}
+
+
+def scrambled(masks, seed=0):
+    """log_alphas spread so that sampled gates take values across (0, 1), some clamped."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for la in masks.log_alpha.values():
+            la.copy_(torch.randn(la.shape, generator=g) * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_triton_matches_reference_backend_in_training(family):
+    """One seed draws the same gates on both backends: logits and every log_alpha gradient agree."""
+    ids = tiny_batch(seq=5)
+    results = []
+    for backend in ("reference", "triton"):
+        model = tiny_model(family)
+        masks = npk.apply_node_pruning(model, backend=backend, seed=7)
+        scrambled(masks)
+        results.append(loss_and_grads(model, masks, ids))
+        assert masks.step == 1
+    (y_ref, g_ref), (y, g) = results
+    assert_close(y, y_ref, torch.float32, f"{family} logits")
+    assert sum(int((t != 0).sum()) for t in g_ref.values()) > 0
+    for name in g_ref:
+        if not g_ref[name].any():  # every gate of the granularity clamped at 0 or 1 in this sample
+            assert not g[name].any(), name
+            continue
+        assert_close(g[name], g_ref[name], torch.float32, f"{family} d log_alpha[{name}]", tols=GATE_GRAD_TOL)
+
+
+def test_interchange_gradients_match_across_backends():
+    ids, corrupt = tiny_batch(seq=5, seed=1), tiny_batch(seq=5, seed=2)
+    results = []
+    for backend in ("reference", "triton"):
+        model = tiny_model("llama")
+        masks = npk.apply_node_pruning(model, ablation="interchange", backend=backend, seed=3)
+        scrambled(masks)
+        with masks.interchange(input_ids=corrupt):
+            results.append(loss_and_grads(model, masks, ids))
+    (y_ref, g_ref), (y, g) = results
+    assert_close(y, y_ref, torch.float32, "logits")
+    for name in g_ref:
+        assert_close(g[name], g_ref[name], torch.float32, name, tols=GATE_GRAD_TOL)
+
+
+def test_training_samples_a_fresh_gate_per_step_and_eval_is_deterministic():
+    model = tiny_model("llama")
+    ids = tiny_batch()
+    masks = npk.apply_node_pruning(model, backend="reference", seed=5)
+    scrambled(masks)
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids).logits
+    assert masks.step == 2 and not torch.allclose(a, b)
+    masks.step = 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, b)  # the sample is a function of (seed, step)
+    masks.eval()
+    with torch.no_grad():
+        c, d = model(ids).logits, model(ids).logits
+    assert torch.equal(c, d) and masks.step == 2
+    model.train()  # the model's mode does not change the masks' mode
+    assert not masks.training
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_gates():
+    ids = tiny_batch()
+    results = []
+    for ckpt in (False, True):
+        model = tiny_model("llama")
+        masks = npk.apply_node_pruning(model, backend="reference", seed=11)
+        scrambled(masks)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF checkpoints only in training mode (dropout is 0 in the tiny configs)
+        # checkpointing needs a grad-requiring input to the layers: the embeddings' output
+        emb = model.get_input_embeddings()(ids).requires_grad_()
+        masks.zero_grad(set_to_none=True)
+        out = model(inputs_embeds=emb).logits
+        (out ** 2).mean().backward()
+        results.append((out.detach(), {g: la.grad.clone() for g, la in masks.log_alpha.items()}))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    for name in g0:
+        assert_close(g1[name], g0[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bf16_model(family):
+    ids = tiny_batch()
+    model32 = tiny_model(family)
+    model = tiny_model(family, dtype=torch.bfloat16)
+    masks32 = npk.apply_node_pruning(model32, backend="reference", seed=2)
+    masks = npk.apply_node_pruning(model, backend="triton", seed=2)
+    for m in (masks32, masks):
+        scrambled(m)
+    y32, g32 = loss_and_grads(model32, masks32, ids)
+    y, g = loss_and_grads(model, masks, ids)
+    assert y.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in g.values())
+    assert_close(y.float(), y32, torch.bfloat16, "bf16 logits", tols={torch.bfloat16: 5e-2})
+    for name in g32:
+        assert_close(g[name], g32[name], torch.bfloat16, name, tols={torch.bfloat16: 1e-1})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_gates_add_no_saved_activations(family):
+    """With SDPA and the fused ops, the patched model saves no more bytes for backward than the frozen model
+    (whose attention already keeps its output, and whose MLP keeps at least its pre-activations), except for
+    the gates themselves."""
+    ids = tiny_batch(batch=2, seq=16)
+    model = tiny_model(family)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with SavedTensorBytes() as frozen:
+        model(inputs_embeds=emb)
+    masks = npk.apply_node_pruning(model, backend="triton")
+    gate_bytes = sum(la.numel() * la.element_size() for la in masks.log_alpha.values())
+    with SavedTensorBytes() as patched:
+        model(inputs_embeds=emb)
+    assert patched.bytes <= frozen.bytes + 2 * gate_bytes, (patched.bytes, frozen.bytes, patched.tensors)
+
+
+def test_errors_say_what_to_do():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown granularity 'neuron'; choose from layer"):
+        npk.apply_node_pruning(model, granularities=["head", "neuron"])
+    with pytest.raises(ValueError, match="unknown ablation"):
+        npk.apply_node_pruning(model, ablation="resample")
+    with pytest.raises(ValueError, match="unknown backend"):
+        npk.apply_node_pruning(model, backend="cuda")
+    with pytest.raises(RuntimeError, match="not applied"):
+        npk.remove_node_pruning(model)
+    masks = npk.apply_node_pruning(model, granularities="head")
+    assert list(masks.log_alpha) == ["head"]
+    with pytest.raises(RuntimeError, match="already applied"):
+        npk.apply_node_pruning(model)
+    with pytest.raises(RuntimeError, match="needs ablation='interchange'"):
+        with masks.interchange(input_ids=tiny_batch()):
+            pass
+
+    class Other(torch.nn.Module):
+        config = type("C", (), {"model_type": "t5"})()
+
+    with pytest.raises(NotImplementedError, match="model_type 't5'.*Supported: gemma, gemma2"):
+        npk.apply_node_pruning(Other())
