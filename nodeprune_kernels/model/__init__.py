@@ -2,9 +2,11 @@
 from .circuit import Circuit
 from .families import FAMILIES, REGISTRY, Family, ModelDims
 from .masks import ABLATIONS, GRANULARITIES, NodeMasks
+from .materialize import materialize
 from .patch import apply_node_pruning, is_patched, node_masks, remove_node_pruning
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(REGISTRY))
 
 __all__ = ["apply_node_pruning", "remove_node_pruning", "node_masks", "is_patched", "NodeMasks", "Circuit",
-           "GRANULARITIES", "ABLATIONS", "SUPPORTED_MODEL_TYPES", "FAMILIES", "Family", "ModelDims"]
+           "GRANULARITIES", "ABLATIONS", "SUPPORTED_MODEL_TYPES", "FAMILIES", "Family", "ModelDims",
+           "materialize"]
