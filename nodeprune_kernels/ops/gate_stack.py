@@ -79,7 +79,7 @@ def as_gates(gates, side: str, n_features: int, device, seed: int) -> tuple:
 
 @dataclass(frozen=True)
 class StackSpec:
-    """The non-tensor half of an op's two gate stacks (their log_alphas travel as autograd inputs)."""
+    """The non-tensor half of an op's two gate stacks (their log_alphas travel as the op's ``Tensor[]``)."""
 
     in_groups: tuple
     in_offsets: tuple
@@ -89,11 +89,10 @@ class StackSpec:
     training: bool
 
     @staticmethod
-    def fields_of(in_gates, out_gates, seed, training) -> dict:
-        """Keyword arguments of a StackSpec (or subclass) for validated gate stacks."""
-        return dict(in_groups=tuple(g.group for g in in_gates), in_offsets=tuple(g.offset for g in in_gates),
-                    out_groups=tuple(g.group for g in out_gates), out_offsets=tuple(g.offset for g in out_gates),
-                    seed=seed, training=bool(training))
+    def fields(in_groups, in_offsets, out_groups, out_offsets, seed, training) -> dict:
+        """Keyword arguments of a StackSpec (or subclass) from a custom op's arguments (see :func:`stack_args`)."""
+        return dict(in_groups=tuple(in_groups), in_offsets=tuple(in_offsets), out_groups=tuple(out_groups),
+                    out_offsets=tuple(out_offsets), seed=seed, training=bool(training))
 
     def levels(self, las):
         """(input levels, output levels) as (contiguous log_alpha, group, offset) for the kernels."""
@@ -104,3 +103,10 @@ class StackSpec:
     def gates(self, las):
         """(input stack, output stack) as Gate lists of detached log_alphas, for the references."""
         return tuple([Gate(la.detach(), g, o) for la, g, o in lv] for lv in self.levels(las))
+
+
+def stack_args(in_gates, out_gates) -> tuple:
+    """Validated stacks as custom-op arguments: (log_alphas, in_groups, in_offsets, out_groups, out_offsets),
+    the log_alphas of both stacks in one list (input levels first), the rest lists of ints."""
+    return ([g.log_alpha for g in (*in_gates, *out_gates)], [g.group for g in in_gates],
+            [g.offset for g in in_gates], [g.group for g in out_gates], [g.offset for g in out_gates])

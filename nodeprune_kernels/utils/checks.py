@@ -23,11 +23,18 @@ def check_seed_offset(seed, offset, count: int, what: str = "gates") -> None:
 
 
 def check_log_alpha(log_alpha, what: str) -> None:
-    """log_alpha must be a floating tensor with finite values (checked once per parameter version)."""
+    """log_alpha must be a floating tensor with finite values (checked once per parameter version).
+
+    Under ``torch.compile`` only the type is checked here: the values are data, which a traced graph cannot
+    branch on. The fused ops' custom ops check them at run time instead (ops/custom_ops.py); the
+    plain-PyTorch reference backend does not, when compiled.
+    """
     if not isinstance(log_alpha, torch.Tensor):
         raise TypeError(f"{what}: log_alpha must be a torch.Tensor, got {type(log_alpha).__name__}")
     if not log_alpha.is_floating_point():
         raise TypeError(f"{what}: log_alpha must be a floating tensor, got {log_alpha.dtype}")
+    if torch.compiler.is_compiling():
+        return
     base = log_alpha._base if log_alpha._base is not None else log_alpha
     # Cache by object identity and version: a weak reference tells a live tensor from a new one that
     # happens to reuse a freed tensor's address (or id).

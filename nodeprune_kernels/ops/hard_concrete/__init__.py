@@ -40,9 +40,9 @@ def hard_concrete(log_alpha: torch.Tensor, *, seed: int, offset: int = 0, traini
     check_seed_offset(seed, offset, log_alpha.numel())
     if resolve_backend(backend, log_alpha.device) == "reference":
         return hard_concrete_reference(log_alpha, seed=seed, offset=offset, training=training)
-    from .function import HardConcreteFunction
+    from .function import hard_concrete_op
 
-    return HardConcreteFunction.apply(log_alpha, seed, offset, bool(training))
+    return hard_concrete_op(log_alpha, seed, offset, bool(training))
 
 
 def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,6 @@ def gate_noise(n: int, *, seed: int, offset: int = 0, device="cpu", backend: str
     device = torch.device(device)
     if resolve_backend(backend, device) == "reference":
         return gate_uniform(seed, offset + torch.arange(n, device=device))
-    from .function import uniform_triton
+    from .function import gate_noise_op
 
-    return uniform_triton(seed, offset, n, device)
+    return gate_noise_op(n, seed, offset, device)

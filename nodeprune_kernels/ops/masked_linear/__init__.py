@@ -8,7 +8,7 @@ import torch
 
 from ...utils.backend import resolve_backend
 from ...utils.checks import check_constant, check_like, check_seed_offset, check_shape
-from ..gate_stack import Gate, as_gates
+from ..gate_stack import Gate, as_gates, stack_args
 from .reference import masked_linear_reference
 
 __all__ = ["masked_linear", "Gate", "masked_linear_reference"]
@@ -112,9 +112,7 @@ def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates,
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op} (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
                         "backend='reference' for other dtypes")
-    from .function import MaskedLinearFunction, Spec
+    from .function import masked_linear_op
 
-    spec = Spec(n_in=K, n_out=N, out_in=weight_layout == "out_in", has_y_ablate=y_ablate is not None,
-                feature_dims=feature_dims, **Spec.fields_of(in_gates, out_gates, seed, training))
-    las = [g.log_alpha for g in in_gates] + [g.log_alpha for g in out_gates]
-    return MaskedLinearFunction.apply(x, weight, bias, x_ablate, y_ablate, spec, *las)
+    return masked_linear_op(x, weight, bias, x_ablate, y_ablate, *stack_args(in_gates, out_gates), seed,
+                            bool(training), weight_layout == "out_in", feature_dims)

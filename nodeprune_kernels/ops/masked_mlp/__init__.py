@@ -7,7 +7,7 @@ import torch
 
 from ...utils.backend import resolve_backend
 from ...utils.checks import check_constant, check_like, check_seed_offset, check_shape
-from ..gate_stack import Gate, as_gates
+from ..gate_stack import Gate, as_gates, stack_args
 from .reference import ACTIVATIONS, ALIASES, canonical_activation, masked_mlp_reference
 
 __all__ = ["masked_mlp", "masked_mlp_reference", "ACTIVATIONS", "ALIASES"]
@@ -125,12 +125,9 @@ def masked_mlp(
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op} (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
                         "backend='reference' for other dtypes")
-    from .function import MaskedMLPFunction, Spec
+    from .function import masked_mlp_op
 
-    params = (up_weight, down_weight, gate_weight, up_bias, gate_bias, down_bias)
-    spec = Spec(d_model=d_model, d_ff=d_ff, activation=activation, out_in=out_in,
-                cache_corrupt_hidden=bool(cache_corrupt_hidden),
-                save_input=any(p is not None and p.requires_grad for p in params),
-                **Spec.fields_of(in_gates, out_gates, seed, training))
-    las = [g.log_alpha for g in in_gates] + [g.log_alpha for g in out_gates]
-    return MaskedMLPFunction.apply(x, *params, hidden_ablate, x_corrupt, spec, *las)
+    y, *_ = masked_mlp_op(x, up_weight, down_weight, gate_weight, up_bias, gate_bias, down_bias, hidden_ablate,
+                          x_corrupt, *stack_args(in_gates, out_gates), seed, bool(training), activation, out_in,
+                          bool(cache_corrupt_hidden))
+    return y
