@@ -19,7 +19,6 @@ from .families import Family, ModelDims
 
 GRANULARITIES = ("layer", "attn", "head", "attn_neuron", "mlp", "mlp_neuron", "mlp_out")
 ABLATIONS = ("zero", "mean", "interchange")
-_MASK63 = (1 << 63) - 1
 _CLOSED, _OPEN = -30.0, 30.0  # log_alphas whose deterministic gates are exactly 0 and 1
 
 
@@ -54,11 +53,12 @@ def gate_offsets(dims: ModelDims) -> dict:
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The Philox key of training step ``step`` (a splitmix64 mix of the run's seed and the step)."""
-    z = (seed + 0x9E3779B97F4A7C15 * (step + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & _MASK63
+    """The Philox key of training step ``step``: ``seed + step``.
+
+    Philox keys need no mixing (distinct keys give independent streams), and plain addition keeps the key
+    a symbolic int under ``torch.compile``, so a new step does not recompile (see :class:`NodeMasks`).
+    """
+    return seed + step
 
 
 class NodeMasks(nn.Module):
@@ -70,7 +70,7 @@ class NodeMasks(nn.Module):
             Only the enabled granularities are present.
         dims: the model's sizes (:class:`ModelDims`).
         ablation: "zero", "mean" or "interchange" — what a closed node's input is replaced with.
-        seed: the run's seed; ``step_seed(seed, step)`` keys the gate sample of step ``step``.
+        seed: the run's seed; ``seed + step`` keys the gate sample of step ``step``.
         step: training forward passes so far (the model's top-level forward advances it in training mode).
 
     Modes: ``masks.train()`` samples gates (a fresh sample per forward pass, shared by the batch);
@@ -78,6 +78,12 @@ class NodeMasks(nn.Module):
     are context managers that run the original model, or a binary circuit. The masks module is not a child
     of the model: ``model.eval()`` does not change its mode, and ``model.parameters()`` does not include
     the gates (give ``masks.parameters()`` to the optimizer).
+
+    torch.compile: the patched model compiles with ``fullgraph=True`` (the fused ops are torch custom ops).
+    In training mode the step is an int attribute of this module, which Dynamo specialises on unless
+    ``torch._dynamo.config.allow_unspec_int_on_nn_module = True``: set it (or wrap the compiled calls in
+    ``torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)``) so that a new gate sample does
+    not recompile the model.
     """
 
     def __init__(self, model: nn.Module, family: Family, dims: ModelDims, granularities: Iterable[str],
@@ -86,8 +92,8 @@ class NodeMasks(nn.Module):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+            raise ValueError(f"seed must be an int in [0, 2**62) (steps are added to it), got {seed!r}")
         self.granularities = check_granularities(granularities)
         self.dims, self.family, self.ablation, self.backend = dims, family, ablation, backend
         self.seed, self.step = seed, 0
