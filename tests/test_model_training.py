@@ -7,7 +7,7 @@ import nodeprune_kernels as npk
 from nodeprune_kernels.utils.memory import SavedTensorBytes
 from tiny_models import FAMILY_NAMES, tiny_batch, tiny_model
 
-from helpers import GATE_GRAD_TOL, assert_close
+from helpers import GATE_GRAD_TOL, assert_close, rel_err
 
 
 def loss_and_grads(model, masks, ids, **kw):
@@ -26,25 +26,33 @@ def scrambled(masks, seed=0):
             la.copy_(torch.randn(la.shape, generator=g) * 0.5 + 0.5)
 
 
+def assert_grads_like_reference(g, g32, g64, what, floor=GATE_GRAD_TOL[torch.float32]):
+    """Each log_alpha gradient against float64: as close as ``floor``, or twice the eager reference's error
+    in the same dtype (a block or layer gate's gradient is one sum over every token and feature, with
+    cancellation, so its rounding error depends on the sample)."""
+    assert sum(int((t != 0).sum()) for t in g64.values()) > 0
+    for name in g64:
+        if not g64[name].any():  # every gate of the granularity clamped at 0 or 1 in this sample
+            assert not g[name].any(), name
+            continue
+        tol = max(floor, 2 * rel_err(g32[name], g64[name]))
+        assert_close(g[name], g64[name], None, f"{what} d log_alpha[{name}]", tols={None: tol})
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_triton_matches_reference_backend_in_training(family):
     """One seed draws the same gates on both backends: logits and every log_alpha gradient agree."""
     ids = tiny_batch(seq=5)
     results = []
-    for backend in ("reference", "triton"):
-        model = tiny_model(family)
+    for backend, dtype in (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32)):
+        model = tiny_model(family, dtype=dtype)
         masks = npk.apply_node_pruning(model, backend=backend, seed=7)
         scrambled(masks)
         results.append(loss_and_grads(model, masks, ids))
         assert masks.step == 1
-    (y_ref, g_ref), (y, g) = results
-    assert_close(y, y_ref, torch.float32, f"{family} logits")
-    assert sum(int((t != 0).sum()) for t in g_ref.values()) > 0
-    for name in g_ref:
-        if not g_ref[name].any():  # every gate of the granularity clamped at 0 or 1 in this sample
-            assert not g[name].any(), name
-            continue
-        assert_close(g[name], g_ref[name], torch.float32, f"{family} d log_alpha[{name}]", tols=GATE_GRAD_TOL)
+    (y64, g64), (_, g32), (y, g) = results
+    assert_close(y, y64.float(), torch.float32, f"{family} logits")
+    assert_grads_like_reference(g, g32, g64, family)
 
 
 def test_interchange_gradients_match_across_backends():
@@ -106,18 +114,21 @@ def test_gradient_checkpointing_recomputes_with_the_same_gates():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_bf16_model(family):
     ids = tiny_batch()
-    model32 = tiny_model(family)
-    model = tiny_model(family, dtype=torch.bfloat16)
-    masks32 = npk.apply_node_pruning(model32, backend="reference", seed=2)
-    masks = npk.apply_node_pruning(model, backend="triton", seed=2)
-    for m in (masks32, masks):
-        scrambled(m)
-    y32, g32 = loss_and_grads(model32, masks32, ids)
-    y, g = loss_and_grads(model, masks, ids)
+    results = []
+    for backend, dtype in (("reference", torch.float32), ("reference", torch.bfloat16), ("triton", torch.bfloat16)):
+        model = tiny_model(family, dtype=dtype)
+        masks = npk.apply_node_pruning(model, backend=backend, seed=2)
+        scrambled(masks)
+        results.append(loss_and_grads(model, masks, ids))
+    (y32, g32), (y_eager, g_eager), (y, g) = results
     assert y.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in g.values())
-    assert_close(y.float(), y32, torch.bfloat16, "bf16 logits", tols={torch.bfloat16: 5e-2})
-    for name in g32:
-        assert_close(g[name], g32[name], torch.bfloat16, name, tols={torch.bfloat16: 1e-1})
+    tol = max(5e-2, 2 * rel_err(y_eager.float(), y32))
+    assert_close(y.float(), y32, None, "bf16 logits", tols={None: tol})
+    # all log_alpha gradients as one vector: a single layer gate's gradient can be a 40x cancelling sum of
+    # its blocks' (seen: -1.1e-3 from +4.7e-2 and -2.6e-2), which bf16 rounding of the blocks swamps
+    flat = [torch.cat([t[k].flatten() for k in sorted(t)]) for t in (g32, g_eager, g)]
+    tol = max(5e-2, 2 * rel_err(flat[1], flat[0]))
+    assert_close(flat[2], flat[0], None, f"bf16 {family} log_alpha gradients", tols={None: tol})
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
