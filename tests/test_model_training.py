@@ -26,6 +26,18 @@ def scrambled(masks, seed=0):
             la.copy_(torch.randn(la.shape, generator=g) * 0.5 + 0.5)
 
 
+def training_step_per_run(family, runs, ids, seed):
+    """(logits, log_alpha gradients) of one training step of a fresh model per (backend, dtype) in ``runs``."""
+    results = []
+    for backend, dtype in runs:
+        model = tiny_model(family, dtype=dtype)
+        masks = npk.apply_node_pruning(model, backend=backend, seed=seed)
+        scrambled(masks)
+        results.append(loss_and_grads(model, masks, ids))
+        assert masks.step == 1
+    return results
+
+
 def assert_grads_like_reference(g, g32, g64, what, floor=GATE_GRAD_TOL[torch.float32]):
     """Each log_alpha gradient against float64: as close as ``floor``, or twice the eager reference's error
     in the same dtype (a block or layer gate's gradient is one sum over every token and feature, with
@@ -42,15 +54,8 @@ def assert_grads_like_reference(g, g32, g64, what, floor=GATE_GRAD_TOL[torch.flo
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_triton_matches_reference_backend_in_training(family):
     """One seed draws the same gates on both backends: logits and every log_alpha gradient agree."""
-    ids = tiny_batch(seq=5)
-    results = []
-    for backend, dtype in (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32)):
-        model = tiny_model(family, dtype=dtype)
-        masks = npk.apply_node_pruning(model, backend=backend, seed=7)
-        scrambled(masks)
-        results.append(loss_and_grads(model, masks, ids))
-        assert masks.step == 1
-    (y64, g64), (_, g32), (y, g) = results
+    runs = (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32))
+    (y64, g64), (_, g32), (y, g) = training_step_per_run(family, runs, tiny_batch(seq=5), seed=7)
     assert_close(y, y64.float(), torch.float32, f"{family} logits")
     assert_grads_like_reference(g, g32, g64, family)
 
@@ -113,14 +118,8 @@ def test_gradient_checkpointing_recomputes_with_the_same_gates():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_bf16_model(family):
-    ids = tiny_batch()
-    results = []
-    for backend, dtype in (("reference", torch.float32), ("reference", torch.bfloat16), ("triton", torch.bfloat16)):
-        model = tiny_model(family, dtype=dtype)
-        masks = npk.apply_node_pruning(model, backend=backend, seed=2)
-        scrambled(masks)
-        results.append(loss_and_grads(model, masks, ids))
-    (y32, g32), (y_eager, g_eager), (y, g) = results
+    runs = (("reference", torch.float32), ("reference", torch.bfloat16), ("triton", torch.bfloat16))
+    (y32, g32), (y_eager, g_eager), (y, g) = training_step_per_run(family, runs, tiny_batch(), seed=2)
     assert y.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in g.values())
     tol = max(5e-2, 2 * rel_err(y_eager.float(), y32))
     assert_close(y.float(), y32, None, "bf16 logits", tols={None: tol})
