@@ -18,6 +18,7 @@ from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 from helpers import rel_err
 from nodeprune_kernels import Gate, gate_noise, hard_concrete, masked_attn_out_proj, masked_linear, masked_mlp
 from nodeprune_kernels.utils.launch import record_launches
+from nodeprune_kernels.utils.memory import SavedTensorBytes
 
 GEMM, LEVEL_GRAD = "_gated_matmul_kernel", "_gate_level_grad_kernel"
 
@@ -197,14 +198,14 @@ def test_weight_and_bias_grads_are_traced_into_the_backward(device):
     down_b = randn(K, device=device, grad=True)
     la, lm = randn(K, device=device, grad=True), randn(FF, device=device, grad=True)
 
-    def fn(x, w, b, up, down_b, la, lm, backend="triton"):
-        h = masked_linear(x, w, b, in_gates=[Gate(la, 1)], seed=2, backend=backend)
+    def fn(x, w, b, up, down_b, la, lm, seed, backend="triton"):
+        h = masked_linear(x, w, b, in_gates=[Gate(la, 1)], seed=seed, backend=backend)
         return masked_mlp(h.sum(-1, keepdim=True) * x, up, down, down_bias=down_b, activation="gelu",
-                          in_gates=[Gate(lm, 1)], seed=3, backend=backend)
+                          in_gates=[Gate(lm, 1)], seed=seed, backend=backend)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the slow path's one-time warning
-        check_compiled(fn, [x, w, b, up, down_b, la, lm], tol=1e-5)
+        check_compiled(fn, [x, w, b, up, down_b, la, lm], calls=[(2,), (3,)], tol=1e-5)
 
 
 def test_non_finite_log_alpha_is_caught_at_run_time(device):
@@ -220,6 +221,35 @@ def test_non_finite_log_alpha_is_caught_at_run_time(device):
     with pytest.raises(ValueError, match="non-finite"):
         torch.compile(lambda la: hard_concrete(la, seed=0, backend="triton"), fullgraph=True,
                       backend="aot_eager")(la)
+
+
+def test_compiled_saves_what_eager_saves(device):
+    """Saved for backward under torch.compile: the same bytes as eagerly. The attention output projection
+    keeps a reference to the attention output (no copy); the MLP its pre-activations and the corrupted input."""
+    torch.manual_seed(8)
+    o = randn(2, H, 5, 4, device=device, grad=True)
+    w = randn(N, H * 4, device=device)
+    x, x_corrupt = randn(4, 5, D, device=device, grad=True), randn(4, 5, D, device=device)
+    up, gate, down = randn(FF, D, device=device), randn(FF, D, device=device), randn(D, FF, device=device)
+    l_head, l_unit = randn(H, device=device, grad=True), randn(FF, device=device, grad=True)
+
+    def attn(o, l_head):
+        return masked_attn_out_proj(o.transpose(1, 2), w, in_gates=[Gate(l_head, 4)], backend="triton")
+
+    def mlp(x, l_unit):
+        return masked_mlp(x, up, down, gate_weight=gate, in_gates=[Gate(l_unit, 1)], x_corrupt=x_corrupt,
+                          backend="triton")
+
+    for fn, args, ignore, expect in (
+            (attn, (o, l_head), [w, o], l_head.nbytes),  # o itself is not counted: nothing else of token size
+            (mlp, (x, l_unit), [up, gate, down], 2 * 4 * 5 * FF * 4 + x_corrupt.nbytes + l_unit.nbytes)):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled(*args)
+        for f in (fn, compiled):
+            with SavedTensorBytes(ignore=ignore) as saved:
+                y = f(*args)
+            assert saved.bytes == expect, (fn.__name__, f is compiled, saved.tensors)
+            y.sum().backward()
 
 
 def recording_aot_eager(graphs):

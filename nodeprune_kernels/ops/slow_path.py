@@ -3,6 +3,8 @@
 Node pruning trains only the gates, so the fused backward passes compute no weight gradients. A weight or
 bias that requires grad still gets a correct one here: the reference is re-run under autograd in the
 backward (slower, and it materialises what the fused path never stores), with a one-time warning.
+Under torch.compile AOTAutograd traces this reference backward into the compiled backward graph like the
+rest of the op's autograd formula (ops/custom_ops.py), so it works there too.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import interpreting
+
 _RECORDERS: list[list] = []
 
 _TRITON_DTYPES = {
@@ -90,7 +92,30 @@ def launch(kernel, grid, *, num_warps: int = 4, num_stages: int = 2, **args):
             r.append(rec)
     if _DRY_RUN[0]:
         return
+    if interpreting() and not any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values()):
+        # the interpreter on CPU tensors: on a thread of its own, from a fixed stack depth (_interpreter_thread)
+        _interpreter_thread().submit(kernel[grid], **args, num_warps=num_warps, num_stages=num_stages).result()
+        return
     kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+
+
+_POOL: list = []
+
+
+def _interpreter_thread():
+    """One worker thread that runs the Triton interpreter's launches.
+
+    CPython 3.11 keeps its frames in 16 KiB chunks and frees a chunk as soon as its last frame returns: code
+    that makes millions of calls (the interpreter does) around a chunk boundary maps and unmaps memory on each
+    call, which made the interpreter 2-3 times slower from some caller stack depths (e.g. under pytest,
+    inside a custom op's autograd function). On a thread of its own it always runs from the same depth. The
+    interpreter reads and writes the tensors' storages only, so the thread's autograd state does not matter.
+    """
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="triton-interpreter"))
+    return _POOL[0]
 
 
 _DRY_RUN = [False]

@@ -35,6 +35,9 @@ def hard_concrete(log_alpha: torch.Tensor, *, seed: int, offset: int = 0, traini
     Returns:
         z, same shape and dtype as ``log_alpha``, differentiable with respect to it. Nothing of the
         noise is stored: the backward regenerates u from (seed, offset + i).
+
+    torch.compile: on the Triton backend this is the custom op ``nodeprune::hard_concrete`` (backward:
+    ``nodeprune::hard_concrete_backward``): no graph break; the non-finite check runs inside the op.
     """
     check_log_alpha(log_alpha, "hard_concrete")
     check_seed_offset(seed, offset, log_alpha.numel())
@@ -59,6 +62,7 @@ def gate_noise(n: int, *, seed: int, offset: int = 0, device="cpu", backend: str
     """The uniform noise u (float32, shape [n]) of gates offset .. offset + n - 1.
 
     Both backends return identical bits; this is the Philox stream every kernel draws its gates from.
+    On the Triton backend it is the custom op ``nodeprune::gate_noise`` (no graph break under torch.compile).
     """
     check_seed_offset(seed, offset, n)
     device = torch.device(device)

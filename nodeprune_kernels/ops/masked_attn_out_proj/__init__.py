@@ -54,6 +54,9 @@ def masked_attn_out_proj(
 
     Returns:
         [..., N] in attn_output's dtype: the projection of every token, leading dimensions kept.
+
+    torch.compile: the custom op ``nodeprune::masked_linear`` as for masked_linear; a transposed view made
+    inside the compiled function reaches it as a view, uncopied, and is saved as such.
     """
     return masked_projection("masked_attn_out_proj", attn_output, weight, bias, feature_dims=2, in_gates=in_gates,
                              out_gates=out_gates, x_ablate=x_ablate, y_ablate=y_ablate, seed=seed, training=training,

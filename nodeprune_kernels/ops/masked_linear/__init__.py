@@ -61,6 +61,12 @@ def masked_linear(
         y': [..., N] in x's dtype (fp32 accumulation). Differentiable with respect to x and every
         log_alpha; the fused backward saves only x (and x_c), and recomputes the rest. A weight or bias
         that requires grad gets a correct gradient through a slower reference path (warned once).
+
+    torch.compile: on the Triton backend the op is the custom op ``nodeprune::masked_linear`` (backward:
+    ``nodeprune::masked_linear_backward``), so a compiled function calling it needs no graph break
+    (``fullgraph=True``) in the forward or the backward, and saves what the eager op saves. The reference
+    weight and bias gradients are traced into the compiled backward too (supported, not a fallback). The
+    non-finite check of the log_alphas, a data-dependent branch, runs inside the op when the graph runs.
     """
     return masked_projection("masked_linear", x, weight, bias, feature_dims=1, in_gates=in_gates,
                              out_gates=out_gates, x_ablate=x_ablate, y_ablate=y_ablate, seed=seed, training=training,
@@ -69,7 +75,11 @@ def masked_linear(
 
 def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates, x_ablate, y_ablate, seed,
                       training, weight_layout, backend):
-    """Validate and dispatch a masked linear whose input features are x's last ``feature_dims`` dims."""
+    """Validate and dispatch a masked linear whose input features are x's last ``feature_dims`` dims.
+
+    The Triton backend calls the custom op ``nodeprune::masked_linear`` with the gate stacks as a list of
+    log_alphas and lists of groups and offsets (ops/custom_ops.py); the reference backend is plain PyTorch.
+    """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: x and weight must be tensors")
     if weight_layout not in WEIGHT_LAYOUTS:

@@ -74,6 +74,12 @@ def masked_mlp(
     Returns:
         y': [..., d_model] in x's dtype. Differentiable with respect to x and every log_alpha (weights
         that require grad get a correct gradient through the slower reference path, warned once).
+
+    torch.compile: on the Triton backend the op is the custom op ``nodeprune::masked_mlp`` (backward:
+    ``nodeprune::masked_mlp_backward``), so a compiled function calling it needs no graph break
+    (``fullgraph=True``) in the forward or the backward, and saves what the eager op saves. The reference
+    weight and bias gradients are traced into the compiled backward too (supported, not a fallback). The
+    non-finite check of the log_alphas runs inside the op when the graph runs.
     """
     op = "masked_mlp"
     if not all(isinstance(t, torch.Tensor) for t in (x, up_weight, down_weight)):
