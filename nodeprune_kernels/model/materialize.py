@@ -26,6 +26,7 @@ from torch import nn
 
 from .circuit import Circuit
 from .families import Family, ModelDims, family_of, model_dims
+from .patch import is_patched, node_masks, unpatched
 
 # Per-layer attributes of HF attention modules that hold head counts (set when the module has them as ints).
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "split_size")
@@ -100,44 +101,18 @@ def report(new_count: int, old_count: int) -> str:
 
 
 # --------------------------------------------------------------------------------------- the copy
-def _patch_state(model: nn.Module):
-    from . import patch
-
-    return patch._APPLIED.get(model)
-
-
 def _warn_on_other_ablation(model: nn.Module) -> None:
-    state = _patch_state(model)
-    if state is not None and state.masks.ablation != "zero":
-        warnings.warn(f"this model's node pruning uses ablation={state.masks.ablation!r}; the materialized model "
-                      "computes the circuit under zero ablation (closed nodes contribute nothing, biases kept)",
-                      stacklevel=3)
+    if is_patched(model) and node_masks(model).ablation != "zero":
+        warnings.warn(f"this model's node pruning uses ablation={node_masks(model).ablation!r}; the materialized "
+                      "model computes the circuit under zero ablation (closed nodes contribute nothing, biases "
+                      "kept)", stacklevel=3)
 
 
 def _unpatched_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` as it was before ``apply_node_pruning``: no gates, no patched forwards, no
     gate-sample hook, the original requires_grad flags."""
-    state = _patch_state(model)
-    if state is None:
+    with unpatched(model):
         return copy.deepcopy(model)
-    from .patch import _MISSING
-
-    memo = {id(state.masks): state.masks}  # the gates are shared by the patched forwards, never copied
-    new = copy.deepcopy(model, memo)
-    for module, previous in state.forwards:
-        twin = memo[id(module)]
-        if previous is _MISSING:
-            twin.__dict__.pop("forward", None)
-        else:
-            twin.forward = copy.deepcopy(previous, memo)
-    if state.hook is not None:
-        for hooks in (new._forward_pre_hooks, new._forward_pre_hooks_with_kwargs):
-            hooks.pop(state.hook.id, None)
-    params = dict(new.named_parameters())
-    for name, flag in state.requires_grad.items():
-        if name in params:
-            params[name].requires_grad_(flag)
-    return new
 
 
 # ------------------------------------------------------------------------------------- the surgery

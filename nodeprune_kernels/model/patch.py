@@ -19,6 +19,7 @@ restores every patched attribute and each parameter's requires_grad.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass, field
@@ -39,22 +40,36 @@ _APPLIED: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictio
 
 @dataclass
 class _Patch:
+    """What apply_node_pruning does to a model, so that it can be undone (and redone: :func:`unpatched`)."""
+
     masks: NodeMasks
-    forwards: list = field(default_factory=list)  # (module, previous instance forward or _MISSING)
+    freeze: bool
+    forwards: list = field(default_factory=list)  # (module, its patched forward)
+    previous: list = field(default_factory=list)  # (module, its instance forward before, or _MISSING)
     requires_grad: dict = field(default_factory=dict)
     hook: object = None
 
-    def set_forward(self, module: nn.Module, fn):
-        self.forwards.append((module, module.__dict__.get("forward", _MISSING)))
-        module.forward = fn
+    def install(self, model: nn.Module) -> None:
+        self.previous = [(module, module.__dict__.get("forward", _MISSING)) for module, _ in self.forwards]
+        for module, fn in self.forwards:
+            module.forward = fn
+        if self.freeze:
+            self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+            for p in model.parameters():
+                p.requires_grad_(False)
+        self.hook = model.register_forward_pre_hook(self.masks._advance)
 
-    def restore(self):
-        for module, old in reversed(self.forwards):
+    def uninstall(self, model: nn.Module) -> None:
+        for module, old in reversed(self.previous):
             if old is _MISSING:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = old
-        self.forwards.clear()
+        self.hook.remove()
+        params = dict(model.named_parameters())
+        for name, flag in self.requires_grad.items():
+            params[name].requires_grad_(flag)
+        self.previous, self.requires_grad, self.hook = [], {}, None
 
 
 def _original(module: nn.Module, *args, **kwargs):
@@ -176,18 +191,15 @@ def apply_node_pruning(model: nn.Module, granularities=GRANULARITIES, ablation: 
     activation = activation_of(model.config)
     masks = NodeMasks(model, family, dims, granularities, ablation=ablation, backend=backend, seed=seed,
                       init_log_alpha=init_log_alpha, cache_corrupt_hidden=cache_corrupt_hidden)
-    state = _Patch(masks)
-    if freeze:
-        for name, p in model.named_parameters():
-            state.requires_grad[name] = p.requires_grad
-            p.requires_grad_(False)
+    state = _Patch(masks, freeze)
     for layer_idx, layer in enumerate(family.decoder_layers(model)):
         attn, o_proj, mlp = family.attention(layer), family.out_proj(layer), family.mlp_module(layer)
         site = _Site(layer_idx)
-        state.set_forward(attn, functools.partial(_attention_forward, site, attn))
-        state.set_forward(o_proj, functools.partial(_attn_out_forward, masks, site, o_proj, family.weight_layout))
-        state.set_forward(mlp, functools.partial(_mlp_forward, masks, layer_idx, mlp, family, activation))
-    state.hook = model.register_forward_pre_hook(masks._advance)
+        state.forwards += [
+            (attn, functools.partial(_attention_forward, site, attn)),
+            (o_proj, functools.partial(_attn_out_forward, masks, site, o_proj, family.weight_layout)),
+            (mlp, functools.partial(_mlp_forward, masks, layer_idx, mlp, family, activation))]
+    state.install(model)
     _APPLIED[model] = state
     return masks.train()
 
@@ -200,12 +212,24 @@ def remove_node_pruning(model: nn.Module) -> NodeMasks:
     state = _APPLIED.pop(model, None)
     if state is None:
         raise RuntimeError("node pruning is not applied to this model (nothing to remove)")
-    state.restore()
-    state.hook.remove()
-    params = dict(model.named_parameters())
-    for name, flag in state.requires_grad.items():
-        params[name].requires_grad_(flag)
+    state.uninstall(model)
     return state.masks
+
+
+@contextlib.contextmanager
+def unpatched(model: nn.Module):
+    """Inside the block the model is as it was before :func:`apply_node_pruning` (original forwards, no
+    gate-sample hook, original requires_grad flags); the patching comes back on exit. A no-op for an
+    unpatched model. ``materialize`` copies a patched model through it."""
+    state = _APPLIED.get(model)
+    if state is None:
+        yield model
+        return
+    state.uninstall(model)
+    try:
+        yield model
+    finally:
+        state.install(model)
 
 
 def node_masks(model: nn.Module) -> NodeMasks:
