@@ -103,19 +103,18 @@ class Circuit:
             lines.append(f"{g + ('' if g in self.kept else '*'):<12} {k:>8} {n:>8} {100 * f:>6.1f}%")
         lines.append("(* implied by the gated granularities)")
         full = self.full()
+
+        def frac(g, layer):
+            return f"{int(full[g][layer].sum())}/{full[g][layer].numel()}"
+
         lines.append(f"{'layer':>5} {'attn':>4} {'heads':>9} {'attn_neur':>11} {'mlp':>4} {'mlp_neur':>11} "
                      f"{'mlp_out':>11}  kept heads")
         for layer in range(d.n_layers):
             heads = full["head"][layer]
             names = ",".join(str(int(i)) for i in heads.nonzero().flatten()) or "-"
-
-            def frac(g):
-                t = full[g][layer]
-                return f"{int(t.sum())}/{t.numel()}"
-
-            lines.append(f"{layer:>5} {'yes' if full['attn'][layer] else 'no':>4} {frac('head'):>9} "
-                         f"{frac('attn_neuron'):>11} {'yes' if full['mlp'][layer] else 'no':>4} "
-                         f"{frac('mlp_neuron'):>11} {frac('mlp_out'):>11}  {names}")
+            lines.append(f"{layer:>5} {'yes' if full['attn'][layer] else 'no':>4} {frac('head', layer):>9} "
+                         f"{frac('attn_neuron', layer):>11} {'yes' if full['mlp'][layer] else 'no':>4} "
+                         f"{frac('mlp_neuron', layer):>11} {frac('mlp_out', layer):>11}  {names}")
         return "\n".join(lines)
 
     __str__ = summary

@@ -118,9 +118,13 @@ class NodeMasks(nn.Module):
         """The Philox key of the current gate sample."""
         return step_seed(self.seed, self.step)
 
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.log_alpha.values())).device
+
     def _advance(self, *_):
         """Forward pre-hook of the model: a fresh gate sample per training forward pass."""
-        if self.training and not self._bypass and self._circuit_la is None:
+        if self._sampling() and not self._bypass:
             self.step += 1
 
     def _la(self, name: str) -> torch.Tensor | None:
@@ -178,10 +182,7 @@ class NodeMasks(nn.Module):
         """Run a binary circuit inside the block: kept nodes' gates are 1, the others 0 (with this
         masks' ablation). ``circuit`` is a :class:`Circuit` of this model."""
         circuit.check_dims(self.dims)
-        la = {g: torch.where(kept.to(self.log_alpha[g].device) if g in self.log_alpha else kept, _OPEN, _CLOSED)
-              for g, kept in circuit.kept.items()}
-        device = next(iter(self.log_alpha.values())).device
-        la = {g: t.to(device=device, dtype=torch.float32) for g, t in la.items()}
+        la = {g: torch.where(kept, _OPEN, _CLOSED).to(self._device) for g, kept in circuit.kept.items()}
         prev, self._circuit_la = self._circuit_la, la
         try:
             yield self
@@ -255,7 +256,7 @@ class NodeMasks(nn.Module):
         """
         model = self._model_or_raise()
         L, K, F_ = self.dims.n_layers, self.dims.n_heads * self.dims.head_dim, self.dims.d_ff
-        device = next(iter(self.log_alpha.values())).device
+        device = self._device
         sums = {"attn": torch.zeros(L, K, dtype=torch.float64, device=device),
                 "mlp": torch.zeros(L, F_, dtype=torch.float64, device=device)}
         count = torch.zeros((), dtype=torch.float64, device=device)
