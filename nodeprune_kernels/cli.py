@@ -1,0 +1,203 @@
+"""The ``nodeprune`` command line: prune, show, compare, demo, selfcheck.
+
+The options of ``prune`` and ``compare`` are PruneConfig's fields with dashes (``--batch-size``), generated
+from the dataclass so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .model.masks import ABLATIONS, GRANULARITIES
+from .pruning.config import COARSE, DTYPES, PruneConfig
+from .pruning.objectives import OBJECTIVES
+from .pruning.sparsity import SPARSITY_MODES
+from .utils.backend import BACKENDS
+
+_HELP = {
+    "granularities": "comma-separated granularities, or 'all' / 'coarse' (layer,attn,head,mlp)",
+    "lambdas": "penalty per granularity (sparsity=penalty): one number, or g=v,g=v",
+    "targets": "target sparsity per granularity (sparsity=target): one number, or g=v,g=v",
+    "task_options": "an option of the task generator, k=v (repeatable), e.g. prefix_len=12",
+    "n_eval": "held-out examples: a count, or a fraction such as 0.2",
+    "warmup": "fraction of the steps over which the targets ramp up",
+    "lr": "AdamW learning rate of log_alpha",
+    "lambda_lr": "learning rate of the Lagrange multipliers",
+    "init_log_alpha": "initial log_alpha (3: every gate open)",
+    "threshold": "deterministic-gate threshold of the circuit",
+    "checkpoint_every": "steps between checkpoints",
+}
+_CHOICES = {"ablation": ABLATIONS, "objective": OBJECTIVES, "sparsity": SPARSITY_MODES, "backend": BACKENDS,
+            "dtype": DTYPES, "circuit_method": ("threshold", "expected_zeros")}
+
+
+def _granularities(text: str) -> tuple:
+    if text == "all":
+        return GRANULARITIES
+    if text == "coarse":
+        return COARSE
+    return tuple(g.strip() for g in text.split(",") if g.strip())
+
+
+def _scalar(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _per_granularity(text: str):
+    if "=" not in text:
+        return float(text)
+    out = {}
+    for part in text.split(","):
+        g, _, v = part.partition("=")
+        out[g.strip()] = float(v)
+    return out
+
+
+def _n_eval(text: str):
+    return float(text) if "." in text else int(text)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per PruneConfig field."""
+    defaults = PruneConfig()
+    group = parser.add_argument_group("pruning options (PruneConfig)")
+    for f in dataclasses.fields(PruneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kw = {"dest": f.name, "default": None}
+        if f.name == "granularities":
+            kw["type"] = _granularities
+        elif f.name in ("lambdas", "targets"):
+            kw["type"] = _per_granularity
+        elif f.name == "task_options":
+            kw.update(action="append", metavar="K=V")
+        elif f.name == "n_eval":
+            kw["type"] = _n_eval
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(default)
+        if f.name in _CHOICES:
+            kw["choices"] = _CHOICES[f.name]
+        shown = ",".join(default) if f.name == "granularities" else default
+        kw["help"] = f"{_HELP.get(f.name, '')} (default: {shown})".strip()
+        group.add_argument(flag, **kw)
+
+
+def config_from_args(args) -> PruneConfig:
+    values = {}
+    for f in dataclasses.fields(PruneConfig):
+        v = getattr(args, f.name)
+        if v is None:
+            continue
+        if f.name == "task_options":
+            v = {k: _scalar(val) for k, _, val in (item.partition("=") for item in v)}
+        values[f.name] = v
+    return PruneConfig(**values)
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto"):
+    """(model, tokenizer or None) from a hub id, a local directory, or "demo" (the shipped model)."""
+    import torch
+    import transformers
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu (the PyTorch reference "
+                         "backend) or install a CUDA build of torch")
+    if name == "demo":
+        from .demo import load_demo_model
+
+        return load_demo_model(device=device), None
+    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise SystemExit(f"could not load model {name!r}: {e}") from e
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # tasks made of text then say they need one
+    return model.to(device).eval(), tokenizer
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--model", required=True, help="a hub id, a local model directory, or 'demo'")
+    p.add_argument("--task", required=True, help="ioi, greater_than, gender_pronoun, induction, or a .jsonl file")
+    p.add_argument("--out", required=out_required, help="the run directory (a killed run resumes from it)")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(p)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="nodeprune", description="Multi-granular node pruning: circuits of "
+                                     "Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prune", help="find a model's circuit for a task")
+    _common(p)
+    p = sub.add_parser("compare", help="coarse (blocks, heads) against fine (every granularity) on one task")
+    _common(p)
+    p = sub.add_parser("show", help="print a finished run's circuit and metrics, redraw its plots")
+    p.add_argument("run_dir")
+    p = sub.add_parser("demo", help="prune the shipped induction model and check its circuit (~2 min on CPU)")
+    p.add_argument("--out", default=None, help="also write the run here")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p = sub.add_parser("selfcheck", help="run every op against its reference and report the GPU builds")
+    p.add_argument("--no-compile", action="store_true", help="skip compiling the kernels for sm_90 / sm_80")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where the kernels run (default: cuda if available, else the Triton interpreter)")
+    args = parser.parse_args(argv)
+
+    if args.command == "selfcheck":
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu":
+            os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel module is imported
+        elif not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is visible to torch; drop --device to use the CPU")
+        from .selfcheck import run
+
+        return 0 if run(device, compile_kernels=not args.no_compile) else 1
+    if args.command == "show":
+        from .pruning.report import plot_run, show
+
+        try:
+            print(show(args.run_dir))
+            print("plots:", ", ".join(str(p) for p in plot_run(args.run_dir)))
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return 0 if run_demo(run_dir=args.out, steps=args.steps) else 1
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    model, tokenizer = load_model(args.model, config.dtype, args.device)
+    if args.command == "prune":
+        from .pruning.run import prune
+
+        result = prune(model, args.task, config, tokenizer=tokenizer, run_dir=args.out,
+                       progress=not args.no_progress)
+        print(result.summary())
+        print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots "
+              f"(`nodeprune show {args.out}`)")
+        return 0
+    from .pruning.compare import compare_coarse_fine, format_comparison
+
+    cmp = compare_coarse_fine(model, args.task, config, tokenizer=tokenizer, run_dir=args.out,
+                              progress=not args.no_progress)
+    print(format_comparison(cmp))
+    return 0

@@ -1,0 +1,113 @@
+"""PruneConfig: every option of a pruning run, validated, and saved with the run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..model.masks import ABLATIONS, GRANULARITIES, check_granularities
+from ..utils.backend import BACKENDS
+from .objectives import check_objective
+from .sparsity import SPARSITY_MODES, per_granularity
+
+COARSE = ("layer", "attn", "head", "mlp")  # block and head granularities only
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PruneConfig:
+    """Options of :func:`nodeprune_kernels.prune` (and of ``nodeprune prune``; same names with dashes).
+
+    Gates: ``granularities`` (default all seven), ``ablation`` ("interchange" by default: closed nodes take
+    their values from the paired corrupted prompt; "mean" estimates the means on the training examples;
+    "zero"), ``init_log_alpha`` and ``init_std`` (log_alpha starts at N(init_log_alpha, init_std²); 3.0 means
+    every deterministic gate starts open), ``seed`` (gate noise, data order and the train/eval split).
+
+    Objective: ``objective`` "kl" (KL from the full model at the task's positions), "logit_diff" or "ce".
+
+    Sparsity: ``sparsity="penalty"`` adds ``lambdas`` (one number, or a dict per granularity) times each
+    granularity's mean expected L0; ``sparsity="target"`` pulls each granularity's expected sparsity to
+    ``targets`` (one number or a dict) with Lagrange multipliers trained at ``lambda_lr``, the targets
+    ramping up linearly over ``warmup`` (a fraction of ``steps``).
+
+    Optimisation: ``steps``, ``batch_size``, ``lr`` (AdamW on log_alpha, no weight decay).
+
+    Data: ``n_examples`` generated (tasks from a file use all their rows), ``n_eval`` held out (a count or a
+    fraction; a file's ``split`` column wins), ``task_options`` for the task's generator.
+
+    Circuit and evaluation: ``threshold`` on the deterministic gates (``circuit_method`` "threshold" or
+    CoFi's "expected_zeros"), ``curve_points`` points of the faithfulness-versus-sparsity curve.
+
+    Runtime: ``backend`` ("auto", "triton", "reference"), ``dtype`` of the model ("auto" keeps it),
+    ``gradient_checkpointing``, ``log_every``, ``checkpoint_every`` (steps; also at the end).
+    """
+
+    granularities: tuple = GRANULARITIES
+    ablation: str = "interchange"
+    objective: str = "kl"
+    sparsity: str = "target"
+    lambdas: float | dict = 1.0
+    targets: float | dict = 0.9
+    lambda_lr: float = 0.05
+    warmup: float = 0.5
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 0.1
+    init_log_alpha: float = 3.0
+    init_std: float = 0.0
+    seed: int = 0
+    n_examples: int = 256
+    n_eval: int | float = 64
+    task_options: dict = field(default_factory=dict)
+    threshold: float = 0.5
+    circuit_method: str = "threshold"
+    curve_points: int = 9
+    backend: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        self.granularities = check_granularities(self.granularities)
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        check_objective(self.objective)
+        if self.sparsity not in SPARSITY_MODES:
+            raise ValueError(f"unknown sparsity {self.sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
+        per_granularity(self.lambdas if self.sparsity == "penalty" else self.targets, self.granularities,
+                        "lambdas" if self.sparsity == "penalty" else "targets")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.circuit_method not in ("threshold", "expected_zeros"):
+            raise ValueError(f"unknown circuit_method {self.circuit_method!r}; choose threshold or expected_zeros")
+        for name in ("steps", "batch_size", "n_examples", "log_every", "checkpoint_every", "curve_points"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "lambda_lr"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"warmup is a fraction of the steps, in [0, 1]; got {self.warmup}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["granularities"] = list(self.granularities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown PruneConfig option(s) {sorted(unknown)}; known: {sorted(names)}")
+        d = dict(d)
+        if "granularities" in d:
+            d["granularities"] = tuple(d["granularities"])
+        return cls(**d)
+
+    def replace(self, **changes) -> "PruneConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,120 @@
+"""Reading a run: the summary table, the plots, and the coarse-against-fine comparison."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..model.circuit import Circuit
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(history: list, path) -> None:
+    """The objective and each granularity's expected sparsity (with its target) over the steps."""
+    plt = _plt()
+    steps = [h["step"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(steps, [h["objective"] for h in history])
+    a.set(xlabel="step", ylabel="objective", title="objective (training batches)")
+    a.set_yscale("log" if all(h["objective"] > 0 for h in history) else "linear")
+    grans = [k.split("/", 1)[1] for k in history[0] if k.startswith("sparsity/") and k != "sparsity/mean"]
+    for i, g in enumerate(grans):
+        line, = b.plot(steps, [h[f"sparsity/{g}"] for h in history], label=g)
+        if f"target/{g}" in history[0]:
+            b.plot(steps, [h[f"target/{g}"] for h in history], ls=":", color=line.get_color())
+    b.set(xlabel="step", ylabel="expected sparsity", ylim=(-0.02, 1.02), title="sparsity (dotted: target)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_circuit(circuit: Circuit, path) -> None:
+    """Per layer: which heads are kept (a layer x head grid), and the kept fraction of each neuron level."""
+    plt = _plt()
+    full = circuit.full()
+    L = circuit.dims.n_layers
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.35 * L + 2.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    a.imshow(full["head"].float().numpy(), cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    a.set(xlabel="head", ylabel="layer", title="kept heads")
+    width = 0.27
+    for i, g in enumerate(("attn_neuron", "mlp_neuron", "mlp_out")):
+        frac = full[g].float().mean(1).numpy()
+        b.barh([layer + (i - 1) * width for layer in range(L)], frac, height=width, label=g)
+    b.set(xlabel="kept fraction", xlim=(0, 1), title="kept neurons per layer")
+    b.set_yticks(range(L))
+    b.invert_yaxis()
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curve(curve: list, path, chosen: float | None = None) -> None:
+    """KL and accuracy of circuits cut at several thresholds, against the fraction of nodes kept."""
+    plt = _plt()
+    pts = sorted(curve, key=lambda p: p["nodes_kept"])
+    x = [p["nodes_kept"] for p in pts]
+    fig, a = plt.subplots(figsize=(5.5, 3.6))
+    a.plot(x, [p["kl"] for p in pts], "o-", label="KL to the full model")
+    a.set(xlabel="fraction of gated nodes kept", ylabel="KL", title="faithfulness against sparsity")
+    b = a.twinx()
+    b.plot(x, [p["accuracy"] for p in pts], "s--", color="tab:orange", label="accuracy")
+    b.set(ylabel="accuracy", ylim=(-0.02, 1.02))
+    if chosen is not None:
+        a.axvline(chosen, color="gray", ls=":", label="the circuit")
+    fig.legend(fontsize=7, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_run(run_dir) -> dict:
+    """A finished run directory's circuit, metrics, curve, history and config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "circuit.json").exists():
+        hint = (" (it has a checkpoint: the run did not finish; rerun the same command to resume it)"
+                if (run_dir / "checkpoint.pt").exists() else "")
+        raise FileNotFoundError(f"{run_dir} is not a finished pruning run: no circuit.json{hint}")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"circuit": Circuit.from_json(str(run_dir / "circuit.json")), "metrics": m["metrics"],
+            "curve": m["curve"], "history": json.loads((run_dir / "history.json").read_text()),
+            "config": json.loads((run_dir / "config.json").read_text())}
+
+
+def plot_run(run_dir) -> list:
+    """Draw training.png, circuit.png and curve.png into a finished run directory; returns the paths."""
+    from .evaluate import nodes_kept
+
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    paths = []
+    if run["history"]:
+        plot_training(run["history"], run_dir / "training.png")
+        paths.append(run_dir / "training.png")
+    plot_circuit(run["circuit"], run_dir / "circuit.png")
+    plot_curve(run["curve"], run_dir / "curve.png", nodes_kept(run["circuit"]))
+    return paths + [run_dir / "circuit.png", run_dir / "curve.png"]
+
+
+def show(run_dir) -> str:
+    """The text report of a finished run (what ``nodeprune show`` prints)."""
+    from .run import PruningResult
+
+    run = read_run(run_dir)
+    cfg = run["config"]
+    head = (f"run {run_dir}: task {cfg.get('task')} ({cfg.get('n_train')} train / {cfg.get('n_eval')} held-out "
+            f"examples), ablation {cfg['config']['ablation']}, objective {cfg['config']['objective']}, "
+            f"{cfg['config']['steps']} steps")
+    res = PruningResult(run["circuit"], run["metrics"], run["curve"], run["history"], {}, None)
+    curve = ["", "faithfulness curve (held-out):", f"{'nodes kept':>10} {'KL':>9} {'accuracy':>9}"]
+    for p in sorted(run["curve"], key=lambda p: -p["nodes_kept"]):
+        curve.append(f"{100 * p['nodes_kept']:>9.1f}% {p['kl']:>9.4f} {p['accuracy']:>9.3f}")
+    return "\n".join([head, res.summary()] + curve)

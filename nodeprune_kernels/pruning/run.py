@@ -1,0 +1,309 @@
+"""The pruning run: gates on a model, trained on a task, cut into a circuit, evaluated and written out.
+
+Layering: this module drives the model layer (``apply_node_pruning``, ``NodeMasks``) with a task's data
+(``nodeprune_kernels.tasks``), an objective (``objectives``) and a sparsity term (``sparsity``); ``outputs``
+writes the run directory, ``evaluate`` scores circuits.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.circuit import Circuit
+from ..model.patch import apply_node_pruning, is_patched, remove_node_pruning
+from ..tasks.base import TaskData
+from . import distributed as dist
+from . import outputs
+from .config import PruneConfig
+from .evaluate import ablation_context, batch_inputs, evaluate_circuit, faithfulness_curve
+from .objectives import check_objective, gather_positions, objective_sum
+from .sparsity import Sparsity
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+
+
+@dataclass
+class PruningResult:
+    """What :func:`prune` returns.
+
+    Attributes:
+        circuit: the binary circuit (deterministic gates above ``config.threshold``).
+        metrics: the circuit on the held-out examples against the full model (``evaluate_circuit``), plus
+            ``kept/<granularity>`` fractions and the final training values.
+        curve: the faithfulness-versus-sparsity curve (``faithfulness_curve``) on the held-out examples.
+        history: training log, one dict every ``log_every`` steps (step, loss, objective, sparsities).
+        log_alpha: the trained gate parameters {granularity: float32 tensor on CPU}.
+        config: the run's :class:`PruneConfig`.
+        run_dir: where the run was written (None if nowhere).
+    """
+
+    circuit: Circuit
+    metrics: dict
+    curve: list
+    history: list
+    log_alpha: dict
+    config: PruneConfig
+    run_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.metrics
+        lines = [self.circuit.summary(), "",
+                 f"held-out ({m['n_examples']} examples): KL {m['kl']:.4f}  accuracy {m['accuracy']:.3f} "
+                 f"(full model {m['full_accuracy']:.3f})  argmax match {m['exact_match']:.3f}"]
+        if "logit_diff" in m:
+            lines.append(f"logit difference {m['logit_diff']:.3f} (full model {m['full_logit_diff']:.3f})")
+        if "prob_diff" in m:
+            lines.append(f"probability difference {m['prob_diff']:.3f} (full model {m['full_prob_diff']:.3f})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- data
+def resolve_task(task, tokenizer, config: PruneConfig, vocab_size: int) -> TaskData:
+    """A task name, a JSONL path, a ``Task`` or ready ``TaskData`` -> TaskData, checked against the model."""
+    if not isinstance(task, TaskData):
+        task = _build_task(task, tokenizer, config, vocab_size)
+    biggest = max(int(task.input_ids.max()), int(task.corrupt_ids.max()), int(task.target.max()))
+    if biggest >= vocab_size:
+        raise ValueError(f"task {task.name!r} has token id {biggest}, but the model's vocabulary has {vocab_size} "
+                         "tokens: was it built with another model's tokenizer?")
+    return task
+
+
+def _build_task(task, tokenizer, config: PruneConfig, vocab_size: int) -> TaskData:
+    from ..tasks import Task, get_task
+
+    if isinstance(task, (str, Path)):
+        task = get_task(str(task), **config.task_options)
+    if isinstance(task, Task):
+        if task.needs_tokenizer and tokenizer is None:
+            raise ValueError(f"task {task.name!r} needs a tokenizer: pass tokenizer=... (the command line loads "
+                             "the model's own), or use a task without one such as 'induction'")
+        task = task.build(tokenizer=tokenizer, n=config.n_examples, seed=config.seed, vocab_size=vocab_size)
+    if not isinstance(task, TaskData):
+        raise TypeError(f"task must be a task name, a .jsonl path, a Task or TaskData, got {type(task).__name__}")
+    return task
+
+
+def fingerprint(data: TaskData) -> str:
+    h = hashlib.sha1()
+    for t in (data.input_ids, data.corrupt_ids, data.positions, data.target):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def batch_index(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The examples of training step ``step`` (0-based): a function of the step alone, so a resumed run
+    sees the same batches. Epochs are seeded permutations; the last partial batch of an epoch is dropped."""
+    if n <= batch_size:
+        return torch.arange(n)
+    per_epoch = n // batch_size
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[b * batch_size:(b + 1) * batch_size].sort().values
+
+
+# --------------------------------------------------------------------------------------------- model
+@contextlib.contextmanager
+def _checkpointing(model, layers, enabled: bool):
+    """Gradient checkpointing of the decoder layers without dropout: HF checkpoints a layer only when the
+    layer is in training mode, so only the layers' own ``training`` flags are set (not their children's:
+    dropout stays off). Restored on exit."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; drop the option")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flags = [layer.training for layer in layers]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, f in zip(layers, flags):
+            layer.training = f
+        model.gradient_checkpointing_disable()
+
+
+def _init_gates(masks, config: PruneConfig) -> None:
+    if config.init_std > 0:
+        g = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            for la in masks.log_alpha.values():
+                la.add_(torch.randn(la.shape, generator=g).to(la.device) * config.init_std)
+
+
+# --------------------------------------------------------------------------------------------- loop
+def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run_dir=None, resume: bool = True,
+          progress: bool = True, keep_patched: bool = False, **options) -> PruningResult:
+    """Find the circuit of ``model`` for ``task``: train hard-concrete gates, cut, evaluate, write.
+
+    Args:
+        model: a Hugging Face causal LM of a supported family, not yet patched; on any device. It is
+            patched for the run and restored afterwards (``keep_patched=True`` leaves the gates on; get them
+            with ``nodeprune_kernels.node_masks(model)``).
+        task: "ioi", "greater_than", "gender_pronoun", "induction", a path to a ``.jsonl`` file, a
+            ``nodeprune_kernels.tasks.Task`` or a ready ``TaskData``.
+        config: a :class:`PruneConfig`; keyword ``options`` override its fields (``prune(m, "ioi",
+            steps=100)``).
+        tokenizer: the model's tokenizer, for tasks made of text.
+        run_dir: a directory to write the run to (config, checkpoints, circuit, metrics, gates, plots).
+            A run directory holding a checkpoint of the same config and data resumes from it
+            (``resume=False`` refuses instead).
+        progress: a tqdm bar with the live objective and sparsity.
+
+    Returns:
+        :class:`PruningResult`.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint stays in run_dir).
+    """
+    config = (config or PruneConfig()).replace(**options) if options else (config or PruneConfig())
+    if is_patched(model):
+        raise RuntimeError("prune() patches the model itself: call nodeprune_kernels.remove_node_pruning(model) "
+                           "first")
+    if config.dtype != "auto":
+        model.to(getattr(torch, config.dtype))
+    rank, world = dist.dist_info()
+    data = resolve_task(task, tokenizer, config, model.config.vocab_size)
+    check_objective(config.objective, data)
+    train, held_out = data.split(config.n_eval, seed=config.seed)
+    meta = {"task": data.name, "data": fingerprint(data), "n_train": len(train), "n_eval": len(held_out)}
+    run_dir = Path(run_dir) if run_dir is not None else None
+    state = outputs.load_checkpoint(run_dir, config, meta) if run_dir is not None else None
+    if state is not None and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=True) or choose another directory")
+
+    was_training = model.training
+    model.eval()
+    masks = apply_node_pruning(model, config.granularities, config.ablation, config.backend, config.seed,
+                               init_log_alpha=config.init_log_alpha)
+    try:
+        _init_gates(masks, config)
+        if world > 1:
+            dist.shard_model(model, masks.family)
+            dist.broadcast_gates(masks)
+        if config.ablation == "mean":
+            device = masks._device
+            masks.estimate_means(batch_inputs(train, torch.arange(s, min(s + config.batch_size, len(train))), device)
+                                 for s in range(0, len(train), config.batch_size))
+        sparsity = Sparsity(config.granularities, config.sparsity, config.lambdas, config.targets,
+                            warmup_steps=round(config.warmup * config.steps)).to(masks._device)
+        opt = torch.optim.AdamW(masks.parameters(), lr=config.lr, weight_decay=0.0)
+        lambda_opt = sparsity.optimizer(config.lambda_lr)
+        history, start = [], 0
+        if state is not None:
+            start, history = outputs.restore(state, masks, opt, sparsity, lambda_opt)
+        if run_dir is not None and rank == 0:
+            outputs.write_config(run_dir, config, meta)
+
+        bar = _progress(progress and rank == 0, start, config.steps)
+        with _checkpointing(model, masks.family.decoder_layers(model), config.gradient_checkpointing):
+            for step in range(start, config.steps):
+                logs = _train_step(model, masks, train, sparsity, opt, lambda_opt, config, step, world)
+                if not math.isfinite(logs["loss"]):
+                    raise NonFiniteLossError(_nan_message(step, logs, run_dir))
+                if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                    history.append(logs)
+                bar.update(1)
+                bar.set_postfix({config.objective: f"{logs['objective']:.4f}",
+                                 "sparsity": f"{logs['sparsity/mean']:.3f}"}, refresh=False)
+                if run_dir is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+                    outputs.save_checkpoint(run_dir, step + 1, masks, opt, sparsity, lambda_opt, history,
+                                            config, meta, rank)
+        bar.close()
+
+        masks.eval()
+        circuit = masks.circuit(config.threshold, config.circuit_method)
+        metrics = evaluate_circuit(model, masks, held_out, circuit, config.batch_size)
+        metrics.update({f"kept/{g}": f for g, (_, _, f) in circuit.counts().items()})
+        if history:
+            metrics.update({f"train/{k}": v for k, v in history[-1].items() if k != "step"})
+        curve = faithfulness_curve(model, masks, held_out, config.curve_points, config.batch_size)
+        log_alpha = {g: la.detach().float().cpu().clone() for g, la in masks.log_alpha.items()}
+        result = PruningResult(circuit, metrics, curve, history, log_alpha, config, run_dir, {"meta": meta})
+        if run_dir is not None and rank == 0:
+            outputs.write_results(run_dir, result)
+        return result
+    finally:
+        if not keep_patched:
+            remove_node_pruning(model)
+        model.train(was_training)
+
+
+def _train_step(model, masks, train: TaskData, sparsity, opt, lambda_opt, config: PruneConfig, step: int,
+                world: int) -> dict:
+    """One optimisation step on the examples of ``step`` (this rank's share of them)."""
+    device = masks._device
+    index = batch_index(step, len(train), config.batch_size, config.seed)
+    n_positions = int(train.positions[index].sum())  # the whole batch's, the same on every rank
+    local = dist.shard_batch(index) if world > 1 else index
+    inputs = batch_inputs(train, local, device)
+    pos = train.positions[local].to(device)
+    opt.zero_grad(set_to_none=True)
+    if lambda_opt is not None:
+        lambda_opt.zero_grad(set_to_none=True)
+    with torch.no_grad(), masks.all_open():
+        full = gather_positions(model(**inputs).logits, pos)
+    with ablation_context(masks, train, local):
+        logits = gather_positions(model(**inputs).logits, pos)
+        target, distractor = train.target[local].to(device)[pos], train.distractor[local].to(device)[pos]
+        objective = objective_sum(config.objective, logits, full, target, distractor) / n_positions
+        penalty, s = sparsity(masks, step)
+        loss = objective + penalty / world
+        loss.backward()
+    values = torch.stack([objective.detach(), penalty.detach() / world]).float()
+    if world > 1:
+        dist.sync_gate_grads(masks)
+        for p in sparsity.parameters():
+            if p.grad is not None:
+                dist.all_reduce_sum(p.grad)
+        values = dist.all_reduce_sum(values)
+    objective_v, penalty_v = (float(v) for v in values)
+    if math.isfinite(objective_v + penalty_v):
+        opt.step()
+        if lambda_opt is not None:
+            lambda_opt.step()
+    logs = {"step": step + 1, "loss": objective_v + penalty_v, "objective": objective_v}
+    logs.update({f"sparsity/{g}": float(v.detach()) for g, v in s.items()})
+    logs["sparsity/mean"] = sum(logs[f"sparsity/{g}"] for g in s) / len(s)
+    if sparsity.mode == "target":
+        logs.update({f"target/{g}": v for g, v in sparsity.target_at(step).items()})
+    logs.update(sparsity.state())
+    return logs
+
+
+def _nan_message(step: int, logs: dict, run_dir) -> str:
+    kept = (f"the last good checkpoint is in {run_dir} (rerun the same command to resume from it)"
+            if run_dir is not None else "nothing was saved (give run_dir= to keep checkpoints)")
+    return (f"the loss became {logs['loss']} at step {step + 1} (objective {logs['objective']}); the gates were "
+            f"not updated and the run stopped. {kept}. Usual causes: a learning rate too high for the lambdas "
+            "or gates (lower lr / lambda_lr), a float16 model overflowing (use dtype='bfloat16' or "
+            "'float32'), or a model whose own logits are not finite on this task's prompts.")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="pruning", unit="step", dynamic_ncols=True)
