@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..model.masks import ABLATIONS, GRANULARITIES, check_granularities
 from ..utils.backend import BACKENDS
 from .objectives import check_objective
-from .sparsity import SPARSITY_MODES, per_granularity
+from .sparsity import SPARSITY_MODES, Sparsity
 
 COARSE = ("layer", "attn", "head", "mlp")  # block and head granularities only
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -74,8 +74,7 @@ class PruneConfig:
         check_objective(self.objective)
         if self.sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {self.sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
-        per_granularity(self.lambdas if self.sparsity == "penalty" else self.targets, self.granularities,
-                        "lambdas" if self.sparsity == "penalty" else "targets")
+        Sparsity(self.granularities, self.sparsity, self.lambdas, self.targets)  # validates lambdas / targets
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:

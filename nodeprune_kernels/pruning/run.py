@@ -86,7 +86,10 @@ def _build_task(task, tokenizer, config: PruneConfig, vocab_size: int) -> TaskDa
         if task.needs_tokenizer and tokenizer is None:
             raise ValueError(f"task {task.name!r} needs a tokenizer: pass tokenizer=... (the command line loads "
                              "the model's own), or use a task without one such as 'induction'")
-        task = task.build(tokenizer=tokenizer, n=config.n_examples, seed=config.seed, vocab_size=vocab_size)
+        from ..tasks import JsonlTask
+
+        n = None if isinstance(task, JsonlTask) else config.n_examples  # a file gives all its rows
+        task = task.build(tokenizer=tokenizer, n=n, seed=config.seed, vocab_size=vocab_size)
     if not isinstance(task, TaskData):
         raise TypeError(f"task must be a task name, a .jsonl path, a Task or TaskData, got {type(task).__name__}")
     return task
@@ -121,7 +124,12 @@ def _checkpointing(model, layers, enabled: bool):
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; drop the option")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.23 renamed the switch (activation_checkpointing_*); 5.17 has only the old name
+    if hasattr(model, "activation_checkpointing_enable"):
+        enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
+    else:
+        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+    enable({"use_reentrant": False})
     flags = [layer.training for layer in layers]
     for layer in layers:
         layer.training = True
@@ -130,7 +138,7 @@ def _checkpointing(model, layers, enabled: bool):
     finally:
         for layer, f in zip(layers, flags):
             layer.training = f
-        model.gradient_checkpointing_disable()
+        disable()
 
 
 def _init_gates(masks, config: PruneConfig) -> None:

@@ -90,6 +90,6 @@ class Sparsity(nn.Module):
             return {f"lambda/{g}": v for g, v in self.lambdas.items()}
         out = {}
         for i, g in enumerate(self.granularities):
-            out[f"lambda1/{g}"] = float(self.lambda1[i])
-            out[f"lambda2/{g}"] = float(self.lambda2[i])
+            out[f"lambda1/{g}"] = float(self.lambda1[i].detach())
+            out[f"lambda2/{g}"] = float(self.lambda2[i].detach())
         return out
