@@ -185,19 +185,24 @@ def main(argv=None) -> int:
         config = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    from .pruning import distributed as dist
+
+    dist.init_from_env()  # under torchrun: one process per GPU, weights sharded with FSDP2
+    rank = dist.dist_info()[0]
     model, tokenizer = load_model(args.model, config.dtype, args.device)
+    progress = not args.no_progress
     if args.command == "prune":
         from .pruning.run import prune
 
-        result = prune(model, args.task, config, tokenizer=tokenizer, run_dir=args.out,
-                       progress=not args.no_progress)
-        print(result.summary())
-        print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots "
-              f"(`nodeprune show {args.out}`)")
+        result = prune(model, args.task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
+        if rank == 0:
+            print(result.summary())
+            print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots "
+                  f"(`nodeprune show {args.out}`)")
         return 0
     from .pruning.compare import compare_coarse_fine, format_comparison
 
-    cmp = compare_coarse_fine(model, args.task, config, tokenizer=tokenizer, run_dir=args.out,
-                              progress=not args.no_progress)
-    print(format_comparison(cmp))
+    cmp = compare_coarse_fine(model, args.task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
+    if rank == 0:
+        print(format_comparison(cmp))
     return 0
