@@ -198,7 +198,6 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         _init_gates(masks, config)
         if world > 1:
             dist.shard_model(model, masks.family)
-            dist.broadcast_gates(masks)
         if config.ablation == "mean":
             device = masks._device
             masks.estimate_means(batch_inputs(train, torch.arange(s, min(s + config.batch_size, len(train))), device)
@@ -208,8 +207,10 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         opt = torch.optim.AdamW(masks.parameters(), lr=config.lr, weight_decay=0.0)
         lambda_opt = sparsity.optimizer(config.lambda_lr)
         history, start = [], 0
-        if state is not None:
+        if state is not None:  # (under torchrun every rank reads it: run_dir must be on a shared filesystem)
             start, history = outputs.restore(state, masks, opt, sparsity, lambda_opt)
+        if world > 1:
+            dist.broadcast_gates(masks)
         if run_dir is not None and rank == 0:
             outputs.write_config(run_dir, config, meta)
 
