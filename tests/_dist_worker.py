@@ -5,6 +5,14 @@ and, the same functions, in the test process itself (one process, the whole batc
 
 writes OUT_DIR/rank{r}.pt: per run, the gate samples of every step, the step-1 gradients, the final
 log_alpha, shard_batch's shares, and the logits difference after remove_node_pruning.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py prune OUT_DIR
+
+runs the whole pruning run (``prune``, :data:`PRUNE`) twice: OUT_DIR/whole straight through, OUT_DIR/resumed
+stopped after step STOP_AFTER (its step-4 checkpoint written) and resumed by a second ``prune`` call; writes
+OUT_DIR/prune_rank{r}.pt: each run's returned log_alpha, history, circuit and metrics, the training steps its
+last ``prune`` call ran, whether the model was sharded, and every file this rank created, renamed or opened
+for writing under OUT_DIR.
 """
 from __future__ import annotations
 
@@ -93,6 +101,104 @@ def train(run: str, family: str = "llama") -> dict:
                 frozen_after_remove=frozen)
 
 
+# the pruning run of tests/test_distributed.py: interchange ablation and target sparsity (the defaults, so the
+# Lagrange multipliers' gradients are all-reduced too), a batch of 5 (3 + 2 over two ranks), 6 steps
+PRUNE = dict(steps=6, batch_size=5, n_eval=8, log_every=1, checkpoint_every=4, curve_points=2, backend="reference")
+STOP_AFTER = 5  # the interrupted run: stopped after step 5, its last checkpoint at step 4
+
+
+def prune_config():
+    from nodeprune_kernels.pruning.config import PruneConfig
+
+    return PruneConfig(**PRUNE)
+
+
+def run_prune(run_dir, stop_after: int | None = None) -> dict:
+    """``prune`` of the tiny llama on the tests' induction data, writing ``run_dir``; ``stop_after``: a
+    KeyboardInterrupt on every rank after that many steps (a killed run), then resumed from ``run_dir``."""
+    from test_pruning import induction_data
+
+    from nodeprune_kernels.pruning import run as run_mod
+
+    model = tiny_model("llama")
+    if stop_after is not None:
+        real = run_mod._train_step
+
+        def stopping(*args, **kwargs):
+            if args[7] >= stop_after:  # step (0-based): steps 0 .. stop_after-1 ran
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        run_mod._train_step = stopping
+        try:
+            run_mod.prune(model, induction_data(), prune_config(), run_dir=run_dir, progress=False)
+            raise AssertionError("the interrupted run was not interrupted")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            run_mod._train_step = real
+        if D.dist_info()[1] > 1:
+            torch.distributed.barrier()  # rank 0's checkpoint is on disk before any rank reads it
+        model = tiny_model("llama")
+    real, ran = run_mod._train_step, []
+
+    def counting(*args, **kwargs):
+        ran.append(args[7])
+        return real(*args, **kwargs)
+
+    run_mod._train_step = counting
+    try:
+        res = run_mod.prune(model, induction_data(), prune_config(), run_dir=run_dir, progress=False)
+    finally:
+        run_mod._train_step = real
+    w = family_of(model).out_proj(family_of(model).decoder_layers(model)[0]).weight
+    return dict(log_alpha=res.log_alpha, history=res.history, circuit=res.circuit.to_dict(), metrics=res.metrics,
+                sharded=type(w).__name__ == "DTensor", steps_run=ran)
+
+
+def _record_writes(root: str) -> list:
+    """Every path under ``root`` this process creates, renames, removes or opens for writing (audit hooks:
+    Python's open, os.open, os.mkdir, os.rename / os.replace, os.remove)."""
+    root = os.path.realpath(root)
+    seen: list = []
+
+    def under(path) -> bool:
+        try:
+            return os.path.realpath(os.fsdecode(path)).startswith(root + os.sep)
+        except (TypeError, ValueError):
+            return False
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (any(c in mode for c in "wax+") if isinstance(mode, str)
+                       else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC)))
+            paths = [path] if writing else []
+        elif event in ("os.mkdir", "os.remove", "os.rmdir"):
+            paths = [args[0]]
+        elif event == "os.rename":
+            paths = [args[0], args[1]]
+        else:
+            return
+        seen.extend(os.path.relpath(os.path.realpath(os.fsdecode(p)), root) for p in paths
+                    if isinstance(p, (str, bytes, os.PathLike)) and under(p))
+
+    sys.addaudithook(hook)
+    return seen
+
+
+def main_prune(out_dir: str) -> None:
+    assert D.init_from_env(), "run me with torchrun"
+    rank, world = D.dist_info()
+    writes = _record_writes(out_dir)
+    result = {"world": world, "whole": run_prune(os.path.join(out_dir, "whole")),
+              "resumed": run_prune(os.path.join(out_dir, "resumed"), stop_after=STOP_AFTER)}
+    result["writes"] = sorted(set(writes))
+    torch.distributed.barrier()
+    torch.save(result, os.path.join(out_dir, f"prune_rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
 def main(out_dir: str, family: str = "llama") -> None:
     assert D.init_from_env(), "run me with torchrun"
     rank, world = D.dist_info()
@@ -107,4 +213,7 @@ def main(out_dir: str, family: str = "llama") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "prune":
+        main_prune(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
