@@ -187,8 +187,18 @@ def main(argv=None) -> int:
         parser.error(str(e))
     from .pruning import distributed as dist
 
-    dist.init_from_env()  # under torchrun: one process per GPU, weights sharded with FSDP2
-    rank = dist.dist_info()[0]
+    started = dist.init_from_env()  # under torchrun: one process per GPU, weights sharded with FSDP2
+    try:
+        _prune_or_compare(args, config, dist.dist_info()[0])
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _prune_or_compare(args, config: PruneConfig, rank: int) -> None:
     model, tokenizer = load_model(args.model, config.dtype, args.device)
     progress = not args.no_progress
     if args.command == "prune":
@@ -199,10 +209,9 @@ def main(argv=None) -> int:
             print(result.summary())
             print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots "
                   f"(`nodeprune show {args.out}`)")
-        return 0
+        return
     from .pruning.compare import compare_coarse_fine, format_comparison
 
     cmp = compare_coarse_fine(model, args.task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
     if rank == 0:
         print(format_comparison(cmp))
-    return 0

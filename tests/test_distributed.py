@@ -148,10 +148,6 @@ def test_prune_under_torchrun_rank0_writes_the_run(pruned):
     assert all(torch.equal(resumed[g], whole[g]) for g in whole)
 
 
-@pytest.mark.xfail(strict=True, reason="run._train_step drops the all-reduce of the Lagrange multipliers' gradients: "
-                   "dist.all_reduce_sum returns a new tensor, p.grad is left at this rank's share (1/world of the "
-                   "gradient), so the lambdas move at 1/world the single-process rate; fix: "
-                   "p.grad.copy_(dist.all_reduce_sum(p.grad))")
 def test_prune_two_ranks_match_one_process(pruned):
     from nodeprune_kernels.pruning.outputs import load_gates
 

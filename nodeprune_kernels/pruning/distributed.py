@@ -205,6 +205,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def broadcast_object(box: list) -> None:
+    """Rank 0's picklable objects in ``box`` replace every other rank's, in place (a no-op in one process)."""
+    if _active():
+        dist.broadcast_object_list(box, src=0)
+
+
 def global_count(local_count) -> torch.Tensor:
     """The sum over the ranks of this rank's count of loss terms: the denominator of each rank's loss, so that
     :func:`sync_gate_grads`' sum is the full-batch gradient.

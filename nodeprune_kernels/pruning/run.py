@@ -141,6 +141,24 @@ def _checkpointing(model, layers, enabled: bool):
         disable()
 
 
+def _load_on_rank0(run_dir: Path, config: PruneConfig, meta: dict, rank: int, world: int):
+    """The run directory's checkpoint, read by rank 0 and sent to the others (whose filesystem may not see
+    it); an error reading it is raised on every rank, so none waits on the others."""
+    if world == 1:
+        return outputs.load_checkpoint(run_dir, config, meta)
+    state, error = None, None
+    if rank == 0:
+        try:
+            state = outputs.load_checkpoint(run_dir, config, meta)
+        except (ValueError, OSError) as e:
+            error = e
+    box = [state, None if error is None else (type(error), str(error))]
+    dist.broadcast_object(box)
+    if box[1] is not None:
+        raise box[1][0](box[1][1])
+    return box[0]
+
+
 def _init_gates(masks, config: PruneConfig) -> None:
     if config.init_std > 0:
         g = torch.Generator().manual_seed(config.seed)
@@ -186,7 +204,7 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
     train, held_out = data.split(config.n_eval, seed=config.seed)
     meta = {"task": data.name, "data": fingerprint(data), "n_train": len(train), "n_eval": len(held_out)}
     run_dir = Path(run_dir) if run_dir is not None else None
-    state = outputs.load_checkpoint(run_dir, config, meta) if run_dir is not None else None
+    state = _load_on_rank0(run_dir, config, meta, rank, world) if run_dir is not None else None
     if state is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=True) or choose another directory")
 
@@ -207,7 +225,7 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         opt = torch.optim.AdamW(masks.parameters(), lr=config.lr, weight_decay=0.0)
         lambda_opt = sparsity.optimizer(config.lambda_lr)
         history, start = [], 0
-        if state is not None:  # (under torchrun every rank reads it: run_dir must be on a shared filesystem)
+        if state is not None:
             start, history = outputs.restore(state, masks, opt, sparsity, lambda_opt)
         if world > 1:
             dist.broadcast_gates(masks)
@@ -274,7 +292,7 @@ def _train_step(model, masks, train: TaskData, sparsity, opt, lambda_opt, config
         dist.sync_gate_grads(masks)
         for p in sparsity.parameters():
             if p.grad is not None:
-                dist.all_reduce_sum(p.grad)
+                p.grad.copy_(dist.all_reduce_sum(p.grad))
         values = dist.all_reduce_sum(values)
     objective_v, penalty_v = (float(v) for v in values)
     if math.isfinite(objective_v + penalty_v):
