@@ -1,6 +1,7 @@
 # Two entry points, each installing what it needs into a local virtual environment (.venv):
-#   make demo   the self-check: every op against its reference, plus the GPU build report
-#   make test   the test suite (Triton kernels run in the interpreter when there is no GPU)
+#   make demo       the main job on the shipped model: prune it, print the circuit, check it (~1 min on a CPU)
+#   make test       the test suite (Triton kernels run in the interpreter when there is no GPU)
+#   make selfcheck  every op against its reference, plus the GPU build report
 # The torch requirement is overridable: CI pins the CPU build with the default below; on a GPU machine,
 # e.g. `make test TORCH="torch"` or point VENV at an environment that already has a CUDA torch.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test selfcheck install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
+	$(BIN)/nodeprune demo
+
+selfcheck: $(BIN)/.installed
 	$(BIN)/nodeprune selfcheck
 
 test: $(BIN)/.installed

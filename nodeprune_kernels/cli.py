@@ -12,7 +12,7 @@ import os
 import sys
 
 from .model.masks import ABLATIONS, GRANULARITIES
-from .pruning.config import COARSE, DTYPES, PruneConfig
+from .pruning.config import COARSE, DEFAULT_TARGETS, DTYPES, PruneConfig
 from .pruning.objectives import OBJECTIVES
 from .pruning.sparsity import SPARSITY_MODES
 from .utils.backend import BACKENDS
@@ -20,7 +20,8 @@ from .utils.backend import BACKENDS
 _HELP = {
     "granularities": "comma-separated granularities, or 'all' / 'coarse' (layer,attn,head,mlp)",
     "lambdas": "penalty per granularity (sparsity=penalty): one number, or g=v,g=v",
-    "targets": "target sparsity per granularity (sparsity=target): one number, or g=v,g=v",
+    "targets": "target sparsity per granularity (sparsity=target): one number, or g=v,g=v; default: "
+               + ",".join(f"{g}={t}" for g, t in DEFAULT_TARGETS.items()),
     "task_options": "an option of the task generator, k=v (repeatable), e.g. prefix_len=12",
     "n_eval": "held-out examples: a count, or a fraction such as 0.2",
     "warmup": "fraction of the steps over which the targets ramp up",
@@ -86,7 +87,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         if f.name in _CHOICES:
             kw["choices"] = _CHOICES[f.name]
         shown = ",".join(default) if f.name == "granularities" else default
-        kw["help"] = f"{_HELP.get(f.name, '')} (default: {shown})".strip()
+        kw["help"] = _HELP.get(f.name, "") + ("" if shown is None else f" (default: {shown})")
         group.add_argument(flag, **kw)
 
 

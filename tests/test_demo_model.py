@@ -197,3 +197,13 @@ def test_training_recipe_is_recorded(model):
     assert record["parameters"] == sum(p.numel() for p in model.parameters())
     assert record["final_repeated_half_loss"] < train.TARGET_LOSS
     assert record["final_first_half_loss"] > 2.5
+
+
+def test_nodeprune_demo_finds_the_mechanism(tmp_path, capsys):
+    """The README's main command: prune the shipped model and check the circuit (about 30 s on 2 cores)."""
+    from nodeprune_kernels.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "demo passed" in out and "ok   previous-token heads: kept L0H1" in out
+    assert (tmp_path / "circuit.json").exists()

@@ -10,6 +10,10 @@ from .objectives import check_objective
 from .sparsity import SPARSITY_MODES, Sparsity
 
 COARSE = ("layer", "attn", "head", "mlp")  # block and head granularities only
+# Target sparsities when none are given: a starting point that keeps whole layers and most blocks and prunes
+# harder the finer the granularity. Set ``targets`` for your model and task.
+DEFAULT_TARGETS = {"layer": 0.0, "attn": 0.25, "head": 0.5, "attn_neuron": 0.75, "mlp": 0.25, "mlp_neuron": 0.9,
+                   "mlp_out": 0.5}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -26,7 +30,7 @@ class PruneConfig:
 
     Sparsity: ``sparsity="penalty"`` adds ``lambdas`` (one number, or a dict per granularity) times each
     granularity's mean expected L0; ``sparsity="target"`` pulls each granularity's expected sparsity to
-    ``targets`` (one number or a dict) with Lagrange multipliers trained at ``lambda_lr``, the targets
+    ``targets`` (one number, a dict, or None for ``DEFAULT_TARGETS``) with Lagrange multipliers trained at ``lambda_lr``, the targets
     ramping up linearly over ``warmup`` (a fraction of ``steps``).
 
     Optimisation: ``steps``, ``batch_size``, ``lr`` (AdamW on log_alpha, no weight decay).
@@ -46,7 +50,7 @@ class PruneConfig:
     objective: str = "kl"
     sparsity: str = "target"
     lambdas: float | dict = 1.0
-    targets: float | dict = 0.9
+    targets: float | dict | None = None
     lambda_lr: float = 0.05
     warmup: float = 0.5
     steps: int = 300
@@ -74,7 +78,7 @@ class PruneConfig:
         check_objective(self.objective)
         if self.sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {self.sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
-        Sparsity(self.granularities, self.sparsity, self.lambdas, self.targets)  # validates lambdas / targets
+        self.sparsity_term()  # validates lambdas / targets
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
@@ -91,6 +95,13 @@ class PruneConfig:
             raise ValueError(f"warmup is a fraction of the steps, in [0, 1]; got {self.warmup}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+
+    def sparsity_term(self, warmup_steps: int = 0) -> Sparsity:
+        """The run's :class:`Sparsity` (``targets=None``: ``DEFAULT_TARGETS`` of the gated granularities)."""
+        targets = self.targets
+        if targets is None:
+            targets = {g: DEFAULT_TARGETS[g] for g in self.granularities}
+        return Sparsity(self.granularities, self.sparsity, self.lambdas, targets, warmup_steps)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -22,7 +22,6 @@ from . import outputs
 from .config import PruneConfig
 from .evaluate import ablation_context, batch_inputs, evaluate_circuit, faithfulness_curve
 from .objectives import check_objective, gather_positions, objective_sum
-from .sparsity import Sparsity
 
 
 class NonFiniteLossError(RuntimeError):
@@ -220,8 +219,7 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
             device = masks._device
             masks.estimate_means(batch_inputs(train, torch.arange(s, min(s + config.batch_size, len(train))), device)
                                  for s in range(0, len(train), config.batch_size))
-        sparsity = Sparsity(config.granularities, config.sparsity, config.lambdas, config.targets,
-                            warmup_steps=round(config.warmup * config.steps)).to(masks._device)
+        sparsity = config.sparsity_term(round(config.warmup * config.steps)).to(masks._device)
         opt = torch.optim.AdamW(masks.parameters(), lr=config.lr, weight_decay=0.0)
         lambda_opt = sparsity.optimizer(config.lambda_lr)
         history, start = [], 0
@@ -333,4 +331,4 @@ def _progress(enabled: bool, start: int, total: int):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="pruning", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc="pruning", unit="step", dynamic_ncols=True, mininterval=0.5)
