@@ -174,7 +174,7 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
     Args:
         model: a Hugging Face causal LM of a supported family, not yet patched; on any device. It is
             patched for the run and restored afterwards (``keep_patched=True`` leaves the gates on; get them
-            with ``nodeprune_kernels.node_masks(model)``).
+            with ``nodeprune_kernels.node_masks(model)``). A ``dtype`` option converts it in place.
         task: "ioi", "greater_than", "gender_pronoun", "induction", a path to a ``.jsonl`` file, a
             ``nodeprune_kernels.tasks.Task`` or a ready ``TaskData``.
         config: a :class:`PruneConfig`; keyword ``options`` override its fields (``prune(m, "ioi",
@@ -315,20 +315,8 @@ def _nan_message(step: int, logs: dict, run_dir) -> str:
             "'float32'), or a model whose own logits are not finite on this task's prompts.")
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(enabled: bool, start: int, total: int):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="pruning", unit="step", dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=total, initial=start, desc="pruning", unit="step", dynamic_ncols=True, mininterval=0.5,
+                disable=not enabled)
