@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 from .model.masks import ABLATIONS, GRANULARITIES
 from .pruning.config import COARSE, DEFAULT_TARGETS, DTYPES, PruneConfig

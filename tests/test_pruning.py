@@ -3,7 +3,6 @@
 Runs use the PyTorch reference backend on tiny models (the kernels' agreement with it is tested elsewhere).
 """
 import json
-import math
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from nodeprune_kernels.pruning.evaluate import evaluate_circuit
 from nodeprune_kernels.pruning.outputs import load_gates
 from nodeprune_kernels.pruning.report import show
 from nodeprune_kernels.pruning.run import NonFiniteLossError, batch_index, prune
-from nodeprune_kernels.pruning.sparsity import Sparsity, expected_sparsity
+from nodeprune_kernels.pruning.sparsity import Sparsity
 from nodeprune_kernels.tasks.base import TaskData
 from tiny_models import tiny_model
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..tasks.base import NONE, TaskData
+from ..tasks.base import TaskData
 
 OBJECTIVES = ("kl", "logit_diff", "ce")
 
@@ -95,4 +95,4 @@ def metric_sums(logits: torch.Tensor, full_logits: torch.Tensor, target: torch.T
 
 
 __all__ = ["OBJECTIVES", "check_objective", "gather_positions", "objective_sum", "metric_sums", "prob_diff",
-           "logit_diff", "NONE"]
+           "logit_diff"]
