@@ -43,7 +43,8 @@ def plot_circuit(circuit: Circuit, path) -> None:
     L = circuit.dims.n_layers
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.35 * L + 2.2), gridspec_kw={"width_ratios": [1, 1.4]})
     a.imshow(full["head"].float().numpy(), cmap="Greens", vmin=0, vmax=1, aspect="auto")
-    a.set(xlabel="head", ylabel="layer", title="kept heads")
+    a.set(xlabel="head", ylabel="layer", title="kept heads", xticks=range(circuit.dims.n_heads),
+          yticks=range(L))
     width = 0.27
     for i, g in enumerate(("attn_neuron", "mlp_neuron", "mlp_out")):
         frac = full[g].float().mean(1).numpy()
