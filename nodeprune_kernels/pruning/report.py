@@ -71,7 +71,7 @@ def plot_curve(curve: list, path, chosen: float | None = None) -> None:
     b.set(ylabel="accuracy", ylim=(-0.02, 1.02))
     if chosen is not None:
         a.axvline(chosen, color="gray", ls=":", label="the circuit")
-    fig.legend(fontsize=7, loc="upper center")
+    fig.legend(fontsize=7, loc="center right", bbox_to_anchor=(0.86, 0.55))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
