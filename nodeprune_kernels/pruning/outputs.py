@@ -53,9 +53,7 @@ def load_gates(path) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, masks, opt, sparsity, lambda_opt, history: list,
-                    config: PruneConfig, meta: dict, rank: int = 0) -> None:
-    if rank != 0:
-        return
+                    config: PruneConfig, meta: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, "step": step, "masks_step": masks.step,
              "log_alpha": {g: la.detach().cpu() for g, la in masks.log_alpha.items()},

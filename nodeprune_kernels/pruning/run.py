@@ -204,6 +204,7 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
     meta = {"task": data.name, "data": fingerprint(data), "n_train": len(train), "n_eval": len(held_out)}
     run_dir = Path(run_dir) if run_dir is not None else None
     state = _load_on_rank0(run_dir, config, meta, rank, world) if run_dir is not None else None
+    writes = run_dir if rank == 0 else None  # only rank 0 writes the run directory
     if state is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=True) or choose another directory")
 
@@ -227,8 +228,8 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
             start, history = outputs.restore(state, masks, opt, sparsity, lambda_opt)
         if world > 1:
             dist.broadcast_gates(masks)
-        if run_dir is not None and rank == 0:
-            outputs.write_config(run_dir, config, meta)
+        if writes is not None:
+            outputs.write_config(writes, config, meta)
 
         bar = _progress(progress and rank == 0, start, config.steps)
         with _checkpointing(model, masks.family.decoder_layers(model), config.gradient_checkpointing):
@@ -241,9 +242,9 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
                 bar.update(1)
                 bar.set_postfix({config.objective: f"{logs['objective']:.4f}",
                                  "sparsity": f"{logs['sparsity/mean']:.3f}"}, refresh=False)
-                if run_dir is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
-                    outputs.save_checkpoint(run_dir, step + 1, masks, opt, sparsity, lambda_opt, history,
-                                            config, meta, rank)
+                if writes is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+                    outputs.save_checkpoint(writes, step + 1, masks, opt, sparsity, lambda_opt, history, config,
+                                            meta)
         bar.close()
 
         masks.eval()
@@ -255,8 +256,8 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         curve = faithfulness_curve(model, masks, held_out, config.curve_points, config.batch_size)
         log_alpha = {g: la.detach().float().cpu().clone() for g, la in masks.log_alpha.items()}
         result = PruningResult(circuit, metrics, curve, history, log_alpha, config, run_dir, {"meta": meta})
-        if run_dir is not None and rank == 0:
-            outputs.write_results(run_dir, result)
+        if writes is not None:
+            outputs.write_results(writes, result)
         return result
     finally:
         if not keep_patched:
