@@ -7,9 +7,15 @@ A custom op's schema takes tensors, lists of tensors and plain ints, bools and s
 in as its log_alphas (``Tensor[]``) and its groups and offsets (``int[]``), and each op rebuilds its
 ``Spec`` from them.
 
-The ops are defined in each op's ``function.py``, imported (with triton) on the first Triton-backend call.
+The ops are defined in each op's ``function.py``, imported on the first call of a Triton or native backend.
+Their ``impl`` argument ("triton" or "native") names the host wrappers that run them, the op's
+``triton_host.py`` or ``native_host.py``, with the same functions: the autograd formula, what is saved and
+the fake implementation are shared, and only the kernels differ. A host module is imported when first used,
+so the native backend never imports triton.
 """
 from __future__ import annotations
+
+import importlib
 
 from ..utils.checks import check_log_alpha
 
@@ -19,6 +25,16 @@ NAMESPACE = "nodeprune"
 def op_name(name: str) -> str:
     """The qualified name of one of the package's custom ops, e.g. ``nodeprune::masked_linear``."""
     return f"{NAMESPACE}::{name}"
+
+
+IMPLS = ("triton", "native")
+
+
+def host(package: str, impl: str):
+    """The host-wrapper module of an op's package for ``impl``: ``<package>.triton_host`` or ``.native_host``."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel implementation {impl!r}; expected one of {IMPLS}")
+    return importlib.import_module(f"{package}.{impl}_host")
 
 
 def check_finite(op: str, log_alphas) -> None:

@@ -1,8 +1,14 @@
 """Which implementation runs an op.
 
-``backend="auto"`` picks the Triton kernels for CUDA tensors, the Triton interpreter for CPU tensors when
-``TRITON_INTERPRET=1`` was set before nodeprune_kernels was imported, and the plain-PyTorch reference
-otherwise. ``"triton"`` and ``"reference"`` force one of them.
+- ``"triton"``: the Triton kernels, on CUDA tensors (or on CPU tensors in Triton's slow interpreter when
+  ``TRITON_INTERPRET=1`` was set before nodeprune_kernels was imported: a debugging and testing tool).
+- ``"native"``: the C++ CPU kernels (nodeprune_kernels/csrc/, built on first use; utils/native.py), on CPU
+  tensors.
+- ``"reference"``: plain PyTorch, any device and dtype; the truth the others are tested against.
+- ``"auto"``: Triton on CUDA; on CPU the interpreter when ``TRITON_INTERPRET=1`` is set, else native when it
+  builds, else the reference with a one-time warning that says how to get the native kernels.
+
+Every backend draws the same gates from the same Philox stream, so they are interchangeable mid-run.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 
 # triton is a Linux-only dependency. Look for it without importing it: triton reads TRITON_INTERPRET when
 # it is first imported, so importing nodeprune_kernels must not import triton.
@@ -37,7 +43,8 @@ def interpreter_configs() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a user's ``backend`` argument to ``"triton"`` or ``"reference"`` for tensors on ``device``."""
+    """Map a user's ``backend`` argument to ``"triton"``, ``"native"`` or ``"reference"`` for tensors on
+    ``device``; raises an error that says what to do when the asked-for backend cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
     if backend == "reference":
@@ -45,7 +52,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting())):
             return "triton"
+        if device.type == "cpu":
+            from . import native
+
+            reason = native.unavailable_reason()
+            if reason is None:
+                return "native"
+            warn_once("native_fallback", f"backend='auto' on CPU runs the plain-PyTorch reference because {reason}")
         return "reference"
+    if backend == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs on CPU tensors, got a tensor on {device.type!r}; use "
+                               "backend='triton' (or 'auto') on CUDA, or move the tensors to the CPU")
+        from . import native
+
+        native.load()  # raises NativeUnavailable with the reason and the fix
+        return "native"
     if not HAS_TRITON:
         raise RuntimeError(
             "backend='triton' needs the triton package: `pip install triton` (Linux), or use backend='auto' "

@@ -79,3 +79,15 @@ def check_shape(op: str, name: str, t, *allowed) -> None:
     if t is not None and tuple(t.shape) not in [tuple(a) for a in allowed]:
         options = " or ".join(str(list(a)) for a in allowed)
         raise ValueError(f"{op}: {name} must have shape {options}, got {list(t.shape)}")
+
+
+KERNEL_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16),
+                 "native": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
+def check_kernel_dtype(op: str, impl: str, dtype: torch.dtype) -> None:
+    """The input dtypes a kernel backend computes in (the reference takes any float dtype)."""
+    ok = KERNEL_DTYPES[impl]
+    if dtype not in ok:
+        names = ", ".join(str(d).replace("torch.", "") for d in ok)
+        raise TypeError(f"{op} ({impl}): x must be {names}, got {dtype}; use backend='reference' for other dtypes")

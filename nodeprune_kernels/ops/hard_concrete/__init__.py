@@ -30,22 +30,23 @@ def hard_concrete(log_alpha: torch.Tensor, *, seed: int, offset: int = 0, traini
         training: True samples z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (zeta - gamma)
             + gamma, 0, 1) with u = clamp(tl.rand(seed, offset + i), eps, 1 - eps); False gives the
             deterministic gate clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1).
-        backend: "auto", "triton" or "reference" (see :mod:`nodeprune_kernels.utils.backend`).
+        backend: "auto", "triton", "native" or "reference" (see :mod:`nodeprune_kernels.utils.backend`).
 
     Returns:
         z, same shape and dtype as ``log_alpha``, differentiable with respect to it. Nothing of the
         noise is stored: the backward regenerates u from (seed, offset + i).
 
-    torch.compile: on the Triton backend this is the custom op ``nodeprune::hard_concrete`` (backward:
+    torch.compile: on the Triton and native backends this is the custom op ``nodeprune::hard_concrete`` (backward:
     ``nodeprune::hard_concrete_backward``): no graph break; the non-finite check runs inside the op.
     """
     check_log_alpha(log_alpha, "hard_concrete")
     check_seed_offset(seed, offset, log_alpha.numel())
-    if resolve_backend(backend, log_alpha.device) == "reference":
+    impl = resolve_backend(backend, log_alpha.device)
+    if impl == "reference":
         return hard_concrete_reference(log_alpha, seed=seed, offset=offset, training=training)
     from .function import hard_concrete_op
 
-    return hard_concrete_op(log_alpha, seed, offset, bool(training))
+    return hard_concrete_op(log_alpha, seed, offset, bool(training), impl)
 
 
 def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -61,13 +62,15 @@ def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
 def gate_noise(n: int, *, seed: int, offset: int = 0, device="cpu", backend: str = "auto") -> torch.Tensor:
     """The uniform noise u (float32, shape [n]) of gates offset .. offset + n - 1.
 
-    Both backends return identical bits; this is the Philox stream every kernel draws its gates from.
-    On the Triton backend it is the custom op ``nodeprune::gate_noise`` (no graph break under torch.compile).
+    Every backend returns identical bits; this is the Philox stream every kernel draws its gates from.
+    On the Triton and native backends it is the custom op ``nodeprune::gate_noise`` (no graph break under
+    torch.compile).
     """
     check_seed_offset(seed, offset, n)
     device = torch.device(device)
-    if resolve_backend(backend, device) == "reference":
+    impl = resolve_backend(backend, device)
+    if impl == "reference":
         return gate_uniform(seed, offset + torch.arange(n, device=device))
     from .function import gate_noise_op
 
-    return gate_noise_op(n, seed, offset, device)
+    return gate_noise_op(n, seed, offset, device, impl)

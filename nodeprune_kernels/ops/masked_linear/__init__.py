@@ -7,14 +7,13 @@ from typing import Sequence
 import torch
 
 from ...utils.backend import resolve_backend
-from ...utils.checks import check_constant, check_like, check_seed_offset, check_shape
+from ...utils.checks import check_constant, check_kernel_dtype, check_like, check_seed_offset, check_shape
 from ..gate_stack import Gate, as_gates, stack_args
 from .reference import masked_linear_reference
 
 __all__ = ["masked_linear", "Gate", "masked_linear_reference"]
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def masked_linear(
@@ -38,8 +37,9 @@ def masked_linear(
     ablation, closing a gate is exactly zeroing the matching weight column (input) or row (output).
 
     Args:
-        x: [..., K] float32, float16 or bfloat16; any leading dimensions, any strides (read in place
-            where the layout allows, e.g. two non-mergeable leading dimensions).
+        x: [..., K] float32, float16 or bfloat16 (float64 too on the native and reference backends); any
+            leading dimensions, any strides (read in place where the layout allows, e.g. two non-mergeable
+            leading dimensions).
         weight: [N, K] (``weight_layout="out_in"``, nn.Linear) or [K, N] (``"in_out"``, GPT-2 Conv1D),
             x's dtype and device. Never copied to change layout.
         bias: [N] or None, x's dtype. Only used to form y_c when ``y_ablate`` is None.
@@ -55,14 +55,14 @@ def masked_linear(
         seed: Philox key of this step's gate sample, int in [0, 2**63).
         training: sample the gates (True) or use the deterministic gates (False).
         weight_layout: "out_in" or "in_out".
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "native" or "reference" (:mod:`nodeprune_kernels.utils.backend`).
 
     Returns:
-        y': [..., N] in x's dtype (fp32 accumulation). Differentiable with respect to x and every
+        y': [..., N] in x's dtype (fp32 accumulation on Triton; on native the GEMM is ATen's in x's dtype). Differentiable with respect to x and every
         log_alpha; the fused backward saves only x (and x_c), and recomputes the rest. A weight or bias
         that requires grad gets a correct gradient through a slower reference path (warned once).
 
-    torch.compile: on the Triton backend the op is the custom op ``nodeprune::masked_linear`` (backward:
+    torch.compile: on the Triton and native backends the op is the custom op ``nodeprune::masked_linear`` (backward:
     ``nodeprune::masked_linear_backward``), so a compiled function calling it needs no graph break
     (``fullgraph=True``) in the forward or the backward, and saves what the eager op saves. The reference
     weight and bias gradients are traced into the compiled backward too (supported, not a fallback). The
@@ -77,7 +77,7 @@ def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates,
                       training, weight_layout, backend):
     """Validate and dispatch a masked linear whose input features are x's last ``feature_dims`` dims.
 
-    The Triton backend calls the custom op ``nodeprune::masked_linear`` with the gate stacks as a list of
+    The Triton and native backends call the custom op ``nodeprune::masked_linear`` with the gate stacks as a list of
     log_alphas and lists of groups and offsets (ops/custom_ops.py); the reference backend is plain PyTorch.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
@@ -114,15 +114,14 @@ def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates,
     in_gates = as_gates(in_gates, "in_gates", K, x.device, seed)
     out_gates = as_gates(out_gates, "out_gates", N, x.device, seed)
 
-    if resolve_backend(backend, x.device) == "reference":
+    impl = resolve_backend(backend, x.device)
+    if impl == "reference":
         flat = (lambda t: t if t is None or feature_dims == 1 or t.dim() < 2 else t.flatten(-2))
         return masked_linear_reference(flat(x), weight, bias, in_gates=in_gates, out_gates=out_gates,
                                        x_ablate=flat(x_ablate), y_ablate=y_ablate, seed=seed, training=training,
                                        weight_layout=weight_layout)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op} (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
-                        "backend='reference' for other dtypes")
+    check_kernel_dtype(op, impl, x.dtype)
     from .function import masked_linear_op
 
     return masked_linear_op(x, weight, bias, x_ablate, y_ablate, *stack_args(in_gates, out_gates), seed,
-                            bool(training), weight_layout == "out_in", feature_dims)
+                            bool(training), weight_layout == "out_in", feature_dims, impl)

@@ -6,13 +6,12 @@ from typing import Sequence
 import torch
 
 from ...utils.backend import resolve_backend
-from ...utils.checks import check_constant, check_like, check_seed_offset, check_shape
+from ...utils.checks import check_constant, check_kernel_dtype, check_like, check_seed_offset, check_shape
 from ..gate_stack import Gate, as_gates, stack_args
 from .reference import ACTIVATIONS, ALIASES, canonical_activation, masked_mlp_reference
 
 __all__ = ["masked_mlp", "masked_mlp_reference", "ACTIVATIONS", "ALIASES"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def masked_mlp(
@@ -47,7 +46,8 @@ def masked_mlp(
     the pre-activation of a non-gated one): h, h - h_c and the masked product are rebuilt in registers.
 
     Args:
-        x: [..., d_model] float32, float16 or bfloat16, the MLP's input.
+        x: [..., d_model] float32, float16 or bfloat16 (float64 too on the native and reference backends),
+            the MLP's input.
         up_weight: [d_ff, d_model] (``weight_layout="out_in"``, nn.Linear) or [d_model, d_ff] (``"in_out"``,
             GPT-2 Conv1D c_fc). For a non-gated MLP this is the first (c_fc / dense_h_to_4h) projection.
         down_weight: [d_model, d_ff] ("out_in") or [d_ff, d_model] ("in_out").
@@ -69,13 +69,13 @@ def masked_mlp(
         seed: Philox key of this step's gate sample, int in [0, 2**63).
         training: sample the gates (True) or use the deterministic gates (False).
         weight_layout: "out_in" or "in_out", for all three weights.
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "native" or "reference" (:mod:`nodeprune_kernels.utils.backend`).
 
     Returns:
         y': [..., d_model] in x's dtype. Differentiable with respect to x and every log_alpha (weights
         that require grad get a correct gradient through the slower reference path, warned once).
 
-    torch.compile: on the Triton backend the op is the custom op ``nodeprune::masked_mlp`` (backward:
+    torch.compile: on the Triton and native backends the op is the custom op ``nodeprune::masked_mlp`` (backward:
     ``nodeprune::masked_mlp_backward``), so a compiled function calling it needs no graph break
     (``fullgraph=True``) in the forward or the backward, and saves what the eager op saves. The reference
     weight and bias gradients are traced into the compiled backward too (supported, not a fallback). The
@@ -124,16 +124,15 @@ def masked_mlp(
 
     weights = dict(gate_weight=gate_weight, up_bias=up_bias, gate_bias=gate_bias, down_bias=down_bias,
                    activation=activation, weight_layout=weight_layout)
-    if resolve_backend(backend, x.device) == "reference":
+    impl = resolve_backend(backend, x.device)
+    if impl == "reference":
         return masked_mlp_reference(x, up_weight, down_weight, in_gates=in_gates, out_gates=out_gates,
                                     hidden_ablate=hidden_ablate, x_corrupt=x_corrupt, seed=seed, training=training,
                                     **weights)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op} (triton): x must be float32, float16 or bfloat16, got {x.dtype}; use "
-                        "backend='reference' for other dtypes")
+    check_kernel_dtype(op, impl, x.dtype)
     from .function import masked_mlp_op
 
     y, *_ = masked_mlp_op(x, up_weight, down_weight, gate_weight, up_bias, gate_bias, down_bias, hidden_ablate,
                           x_corrupt, *stack_args(in_gates, out_gates), seed, bool(training), activation, out_in,
-                          bool(cache_corrupt_hidden))
+                          bool(cache_corrupt_hidden), impl)
     return y
