@@ -1,11 +1,12 @@
 // Hard-concrete gates on the CPU: noise, samples, their gradient, and the per-feature gate of a gate stack.
 //
-// Everything is computed in float32 from the log_alphas (any float dtype) and written in the output's
-// dtype, as the Triton kernels do. A gate stack is a list of levels (log_alpha, group, offset): element k of
+// Gates are computed in float32 from the log_alphas (any float dtype), as the Triton kernels do, or in
+// float64 for float64 log_alphas (as the reference does), and written in the output's dtype. A gate stack is a list of levels (log_alpha, group, offset): element k of
 // a level gates features [k * group, (k + 1) * group) and draws its noise at Philox index offset + k.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "native.h"
@@ -21,20 +22,15 @@ void check_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), what, ": expected a contiguous tensor");
 }
 
-// float32 copy of a log_alpha (or any float tensor), contiguous
-at::Tensor as_float(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.is_floating_point(), what, ": expected a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), what, ": the native backend takes CPU tensors, got ", t.device());
-  return t.to(at::kFloat).contiguous();
-}
-
-// the float32 gates of one level, [numel]
-std::vector<float> level_values(const at::Tensor& log_alpha, uint64_t seed, int64_t offset, bool training) {
-  const at::Tensor la = as_float(log_alpha, "log_alpha");
-  const float* a = la.const_data_ptr<float>();
-  std::vector<float> z(la.numel());
+// the gates of one level, [numel], in G (float32, or float64 for the float64 path)
+template <typename G>
+std::vector<G> level_values(const at::Tensor& log_alpha, uint64_t seed, int64_t offset, bool training) {
+  TORCH_CHECK(log_alpha.is_floating_point() && log_alpha.device().is_cpu(), "log_alpha: a CPU float tensor");
+  const at::Tensor la = log_alpha.to(c10::CppTypeToScalarType<G>::value).contiguous();
+  const G* a = la.const_data_ptr<G>();
+  std::vector<G> z(la.numel());
   at::parallel_for(0, la.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) z[i] = gate_value(a[i], seed, offset + i, training);
+    for (int64_t i = i0; i < i1; ++i) z[i] = gate_value<G>(a[i], seed, offset + i, training);
   });
   return z;
 }
@@ -61,17 +57,25 @@ void uniform(const at::Tensor& out, int64_t seed, int64_t offset) {
   });
 }
 
+// gates in float32, as the Triton kernels compute them, or in float64 for float64 log_alphas
+#define NODEPRUNE_GATE_DISPATCH(dtype, name, ...)                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, [&] {             \
+    using G = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;        \
+    __VA_ARGS__();                                                                         \
+  })
+
 void hard_concrete_forward(const at::Tensor& log_alpha, const at::Tensor& out, int64_t seed, int64_t offset,
                            bool training) {
   check_cpu(out, "hard_concrete");
-  TORCH_CHECK(out.numel() == log_alpha.numel(), "hard_concrete: out and log_alpha differ in size");
-  const at::Tensor la = as_float(log_alpha, "hard_concrete");
-  const float* a = la.const_data_ptr<float>();
+  TORCH_CHECK(out.numel() == log_alpha.numel() && out.scalar_type() == log_alpha.scalar_type(),
+              "hard_concrete: out must be like log_alpha");
   const uint64_t key = static_cast<uint64_t>(seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hard_concrete", [&] {
+  NODEPRUNE_GATE_DISPATCH(out.scalar_type(), "hard_concrete", [&] {
+    const at::Tensor la = log_alpha.to(c10::CppTypeToScalarType<G>::value).contiguous();
+    const G* a = la.const_data_ptr<G>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, la.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(gate_value(a[i], key, offset + i, training));
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(gate_value<G>(a[i], key, offset + i, training));
     });
   });
 }
@@ -79,19 +83,18 @@ void hard_concrete_forward(const at::Tensor& log_alpha, const at::Tensor& out, i
 void hard_concrete_backward(const at::Tensor& log_alpha, const at::Tensor& dz, const at::Tensor& out, int64_t seed,
                             int64_t offset, bool training) {
   check_cpu(out, "hard_concrete_backward");
-  TORCH_CHECK(out.numel() == log_alpha.numel() && dz.numel() == log_alpha.numel(),
-              "hard_concrete_backward: log_alpha, dz and out differ in size");
-  const at::Tensor la = as_float(log_alpha, "hard_concrete_backward");
-  const at::Tensor g = as_float(dz, "hard_concrete_backward: dz");
-  const float* a = la.const_data_ptr<float>();
-  const float* d = g.const_data_ptr<float>();
+  TORCH_CHECK(out.numel() == log_alpha.numel() && dz.numel() == log_alpha.numel() &&
+                  out.scalar_type() == log_alpha.scalar_type(),
+              "hard_concrete_backward: log_alpha, dz and out differ");
   const uint64_t key = static_cast<uint64_t>(seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hard_concrete_backward", [&] {
+  NODEPRUNE_GATE_DISPATCH(out.scalar_type(), "hard_concrete_backward", [&] {
+    const at::Tensor la = log_alpha.to(c10::CppTypeToScalarType<G>::value).contiguous();
+    const at::Tensor g = dz.to(c10::CppTypeToScalarType<G>::value).contiguous();
+    const G* a = la.const_data_ptr<G>();
+    const G* d = g.const_data_ptr<G>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, la.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        o[i] = static_cast<scalar_t>(d[i] * gate_grad(a[i], key, offset + i, training));
-      }
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(d[i] * gate_grad<G>(a[i], key, offset + i, training));
     });
   });
 }
@@ -99,17 +102,20 @@ void hard_concrete_backward(const at::Tensor& log_alpha, const at::Tensor& dz, c
 void feature_gates(const std::vector<at::Tensor>& log_alphas, const std::vector<int64_t>& groups,
                    const std::vector<int64_t>& offsets, int64_t seed, bool training, const at::Tensor& out) {
   check_cpu(out, "feature_gates");
-  TORCH_CHECK(out.scalar_type() == at::kFloat, "feature_gates: out must be float32");
   const int64_t n = out.numel();
   check_stack(log_alphas, groups, offsets, n);
-  float* z = out.mutable_data_ptr<float>();
-  std::fill(z, z + n, 1.0f);
   const uint64_t key = static_cast<uint64_t>(seed);
-  for (size_t l = 0; l < log_alphas.size(); ++l) {
-    const std::vector<float> zl = level_values(log_alphas[l], key, offsets[l], training);
-    const int64_t g = groups[l];
-    for (int64_t f = 0; f < n; ++f) z[f] *= zl[f / g];
-  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+              "feature_gates: out must be float32 or float64");
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "feature_gates", [&] {
+    scalar_t* z = out.mutable_data_ptr<scalar_t>();
+    std::fill(z, z + n, scalar_t(1));
+    for (size_t l = 0; l < log_alphas.size(); ++l) {
+      const std::vector<scalar_t> zl = level_values<scalar_t>(log_alphas[l], key, offsets[l], training);
+      const int64_t g = groups[l];
+      for (int64_t f = 0; f < n; ++f) z[f] *= zl[f / g];
+    }
+  });
 }
 
 void level_grad(const at::Tensor& dzf, const std::vector<at::Tensor>& log_alphas, const std::vector<int64_t>& groups,
@@ -120,26 +126,28 @@ void level_grad(const at::Tensor& dzf, const std::vector<at::Tensor>& log_alphas
   check_stack(log_alphas, groups, offsets, n);
   TORCH_CHECK(target >= 0 && target < static_cast<int64_t>(log_alphas.size()), "level_grad: no level ", target);
   TORCH_CHECK(out.numel() == log_alphas[target].numel(), "level_grad: out must have the level's size");
-  const at::Tensor d = as_float(dzf, "level_grad: dzf");
+  TORCH_CHECK(dzf.device().is_cpu() && dzf.is_floating_point(), "level_grad: dzf must be a CPU float tensor");
+  const at::Tensor d = dzf.to(at::kDouble).contiguous();
   const uint64_t key = static_cast<uint64_t>(seed);
-  // dzf times the other levels' gates: the sum over a gate's features of what multiplies it
-  std::vector<float> w(d.const_data_ptr<float>(), d.const_data_ptr<float>() + n);
-  for (size_t l = 0; l < log_alphas.size(); ++l) {
-    if (static_cast<int64_t>(l) == target) continue;
-    const std::vector<float> zl = level_values(log_alphas[l], key, offsets[l], training);
-    const int64_t g = groups[l];
-    for (int64_t f = 0; f < n; ++f) w[f] *= zl[f / g];
-  }
-  const at::Tensor la = as_float(log_alphas[target], "level_grad: log_alpha");
-  const float* a = la.const_data_ptr<float>();
-  const int64_t g = groups[target], off = offsets[target];
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "level_grad", [&] {
+  NODEPRUNE_GATE_DISPATCH(out.scalar_type(), "level_grad", [&] {
+    // dzf times the other levels' gates, summed in double: a block or layer gate's gradient sums every
+    // feature of its block, with cancellation
+    std::vector<double> w(d.const_data_ptr<double>(), d.const_data_ptr<double>() + n);
+    for (size_t l = 0; l < log_alphas.size(); ++l) {
+      if (static_cast<int64_t>(l) == target) continue;
+      const std::vector<G> zl = level_values<G>(log_alphas[l], key, offsets[l], training);
+      const int64_t g = groups[l];
+      for (int64_t f = 0; f < n; ++f) w[f] *= zl[f / g];
+    }
+    const at::Tensor la = log_alphas[target].to(c10::CppTypeToScalarType<G>::value).contiguous();
+    const G* a = la.const_data_ptr<G>();
+    const int64_t g = groups[target], off = offsets[target];
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, la.numel(), 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        float s = 0.0f;
+        double s = 0.0;
         for (int64_t f = k * g; f < (k + 1) * g; ++f) s += w[f];
-        o[k] = static_cast<scalar_t>(s * gate_grad(a[k], key, off + k, training));
+        o[k] = static_cast<scalar_t>(static_cast<G>(s) * gate_grad<G>(a[k], key, off + k, training));
       }
     });
   });

@@ -8,13 +8,13 @@
 //   gated_rows     out = (A - A_c) * z                        the GEMM operand (forward; dy * z_out; recompute)
 //   backward_rows  out = P * z  (OUT_KIND 0: dx)  or the activation backward of dh = P * z (OUT_KIND 1:
 //                  d pre = dh * lin * act'(pre), d lin = dh * act(pre)), and in the same pass the column
-//                  sums part[block, c] = sum over the block's rows of P * (E - E_c)
+//                  sums part[block, c] = sum over the block's rows of P * (E - E_c) (accumulated in float64)
 //   scale_add      acc = acc * z + Y_c                        the GEMM's epilogue, in place
 //
 // An operand ("source") is read where it lies: absent (mode 0), a vector over the columns (1), a tensor of
 // any strides whose last `col_dims` dims are the columns (2), or hidden units act(pre) * lin built from
-// contiguous [M, C] pre-activations (3). Arithmetic is in float32 (float64 for double tensors); gates are
-// float32 vectors over the columns. Column sums are taken per block of kBlockRows rows and the blocks are
+// contiguous [M, C] pre-activations (3). Arithmetic is in float32 (float64 for double tensors), and so are
+// the gates, vectors over the columns. Column sums are taken per block of kBlockRows rows and the blocks are
 // added in order afterwards, so results do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -188,11 +188,15 @@ struct Rows {
   }
 };
 
-const float* gate_ptr(const std::optional<at::Tensor>& z, int64_t C, const char* what) {
+// the per-column gates: float32, or float64 for a float64 pass (opmath A)
+template <typename A>
+const A* gate_ptr(const std::optional<at::Tensor>& z, int64_t C, const char* what) {
   if (!z.has_value()) return nullptr;
-  TORCH_CHECK(z->scalar_type() == at::kFloat && z->dim() == 1 && z->numel() == C && z->is_contiguous(), what,
-              ": gates must be a contiguous float32 [", C, "], got ", z->scalar_type(), " ", z->sizes());
-  return z->const_data_ptr<float>();
+  TORCH_CHECK(z->scalar_type() == c10::CppTypeToScalarType<A>::value && z->dim() == 1 && z->numel() == C &&
+                  z->is_contiguous(),
+              what, ": gates must be a contiguous ", c10::CppTypeToScalarType<A>::value, " [", C, "], got ",
+              z->scalar_type(), " ", z->sizes());
+  return z->const_data_ptr<A>();
 }
 
 template <typename T>
@@ -219,7 +223,7 @@ void gated_rows_impl(const Source& a_src, const Source& ac_src, const std::optio
                      const at::Tensor& out, int64_t M, int64_t C) {
   using A = at::opmath_type<T>;
   const Rows<T> a(a_src, M, C, "gated_rows: a"), ac(ac_src, M, C, "gated_rows: a_c");
-  const float* zp = gate_ptr(z, C, "gated_rows");
+  const A* zp = gate_ptr<A>(z, C, "gated_rows");
   T* o = out_ptr<T>(out, M, C, "gated_rows");
   for_row_blocks(M, [&](int64_t, int64_t m0, int64_t m1) {
     std::vector<A> buf(C), bc(ac.present() ? C : 0);
@@ -231,7 +235,7 @@ void gated_rows_impl(const Source& a_src, const Source& ac_src, const std::optio
       }
       T* r = o + m * C;
       if (zp != nullptr) {
-        for (int64_t c = 0; c < C; ++c) r[c] = static_cast<T>(buf[c] * static_cast<A>(zp[c]));
+        for (int64_t c = 0; c < C; ++c) r[c] = static_cast<T>(buf[c] * zp[c]);
       } else {
         for (int64_t c = 0; c < C; ++c) r[c] = static_cast<T>(buf[c]);
       }
@@ -247,28 +251,26 @@ void backward_rows_impl(const Source& p_src, const std::optional<at::Tensor>& z,
   using A = at::opmath_type<T>;
   const Rows<T> pr(p_src, M, C, "backward_rows: p"), e(e_src, M, C, "backward_rows: e"),
       ec(ec_src, M, C, "backward_rows: e_c");
-  const float* zp = gate_ptr(z, C, "backward_rows");
+  const A* zp = gate_ptr<A>(z, C, "backward_rows");
   T* o1 = out_ptr<T>(out1, M, C, "backward_rows: out1");
   T* o2 = out_ptr<T>(out2, M, C, "backward_rows: out2");
   TORCH_CHECK(out_kind == 0 || out_kind == 1, "backward_rows: out_kind must be 0 or 1");
   TORCH_CHECK(out_kind == 0 || o1 == nullptr || e.mode == kHidden,
               "backward_rows: the activation backward (out_kind 1) reads the pre-activations from a hidden e");
   TORCH_CHECK(o2 == nullptr || (out_kind == 1 && e.u != nullptr), "backward_rows: out2 is d lin of a gated MLP");
-  A* sums = nullptr;
+  double* sums = nullptr;  // a gate's gradient is a cancelling sum over many terms: accumulate in double
   if (part.has_value()) {
     const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
-    TORCH_CHECK(part->scalar_type() == c10::CppTypeToScalarType<A>::value && part->is_contiguous() &&
-                    part->numel() == blocks * C,
-                "backward_rows: part must be a contiguous ", c10::CppTypeToScalarType<A>::value, " [", blocks,
-                ", ", C, "]");
+    TORCH_CHECK(part->scalar_type() == at::kDouble && part->is_contiguous() && part->numel() == blocks * C,
+                "backward_rows: part must be a contiguous float64 [", blocks, ", ", C, "]");
     TORCH_CHECK(e.present(), "backward_rows: column sums need e");
-    sums = part->mutable_data_ptr<A>();
+    sums = part->mutable_data_ptr<double>();
   }
   const bool hidden_out = out_kind == 1 && o1 != nullptr;
   for_row_blocks(M, [&](int64_t block, int64_t m0, int64_t m1) {
     std::vector<A> pb(C), eb(sums != nullptr && !hidden_out ? C : 0), cb(ec.present() ? C : 0);
-    A* acc = sums != nullptr ? sums + block * C : nullptr;
-    if (acc != nullptr) std::fill(acc, acc + C, A(0));
+    double* acc = sums != nullptr ? sums + block * C : nullptr;
+    if (acc != nullptr) std::fill(acc, acc + C, 0.0);
     for (int64_t m = m0; m < m1; ++m) {
       pr.load(m, C, pb.data());
       if (ec.present()) ec.load(m, C, cb.data());
@@ -281,7 +283,7 @@ void backward_rows_impl(const Source& p_src, const std::optional<at::Tensor>& z,
           A a, da;
           act_and_grad(e.act, static_cast<A>(pre[c]), a, da);
           const A l = lin != nullptr ? static_cast<A>(lin[c]) : A(1);
-          const A dh = zp != nullptr ? pb[c] * static_cast<A>(zp[c]) : pb[c];
+          const A dh = zp != nullptr ? pb[c] * zp[c] : pb[c];
           d_pre[c] = static_cast<T>(dh * l * da);
           if (d_lin != nullptr) d_lin[c] = static_cast<T>(dh * a);
           if (acc != nullptr) acc[c] += pb[c] * (a * l - (ec.present() ? cb[c] : A(0)));
@@ -299,7 +301,7 @@ void backward_rows_impl(const Source& p_src, const std::optional<at::Tensor>& z,
       if (o1 != nullptr) {
         T* r = o1 + m * C;
         if (zp != nullptr) {
-          for (int64_t c = 0; c < C; ++c) r[c] = static_cast<T>(pb[c] * static_cast<A>(zp[c]));
+          for (int64_t c = 0; c < C; ++c) r[c] = static_cast<T>(pb[c] * zp[c]);
         } else {
           for (int64_t c = 0; c < C; ++c) r[c] = static_cast<T>(pb[c]);
         }
@@ -313,7 +315,7 @@ void scale_add_impl(const at::Tensor& acc, const std::optional<at::Tensor>& z, c
                     int64_t C) {
   using A = at::opmath_type<T>;
   const Rows<T> yc(yc_src, M, C, "scale_add: y_c");
-  const float* zp = gate_ptr(z, C, "scale_add");
+  const A* zp = gate_ptr<A>(z, C, "scale_add");
   T* o = out_ptr<T>(acc, M, C, "scale_add");
   for_row_blocks(M, [&](int64_t, int64_t m0, int64_t m1) {
     std::vector<A> cb(yc.present() ? C : 0);
@@ -322,7 +324,7 @@ void scale_add_impl(const at::Tensor& acc, const std::optional<at::Tensor>& z, c
       if (yc.present()) yc.load(m, C, cb.data());
       for (int64_t c = 0; c < C; ++c) {
         A v = static_cast<A>(r[c]);
-        if (zp != nullptr) v *= static_cast<A>(zp[c]);
+        if (zp != nullptr) v *= zp[c];
         if (yc.present()) v += cb[c];
         r[c] = static_cast<T>(v);
       }

@@ -14,10 +14,10 @@
 namespace nodeprune {
 
 constexpr float kEps = 1e-6f;
-constexpr float kGamma = -0.1f;
-constexpr float kStretch = 1.2f;           // zeta - gamma
-constexpr float kInvBeta = 1.5f;           // 1 / beta
-constexpr float kStretchInvBeta = 1.8f;    // (zeta - gamma) / beta
+// the Python constants (ops/hard_concrete/reference.py), rounded to the gate's float type where used
+constexpr double kGamma = -0.1;
+constexpr double kStretch = 1.1 - (-0.1);  // zeta - gamma
+constexpr double kInvBeta = 1.5;           // 1 / beta
 constexpr float kUniformScale = 4.6566127342e-10f;  // Triton's int32 -> [0, 1) scale
 
 inline uint32_t philox_uint32(uint64_t seed, uint32_t index) {
@@ -50,27 +50,32 @@ inline float gate_uniform(uint64_t seed, int64_t index) {
   return std::min(std::max(philox_uniform(seed, index), kEps), 1.0f - kEps);
 }
 
-inline float stretched_sigmoid(float log_alpha, uint64_t seed, int64_t index, bool training) {
-  float x = log_alpha;
+// The gate formulas in float32, or in float64 for float64 log_alphas (as the reference computes them);
+// the noise u is float32 either way.
+template <typename F>
+inline F stretched_sigmoid(F log_alpha, uint64_t seed, int64_t index, bool training) {
+  F x = log_alpha;
   if (training) {
-    const float u = gate_uniform(seed, index);
-    x = (std::log(u) - std::log(1.0f - u) + log_alpha) * kInvBeta;
+    const F u = static_cast<F>(gate_uniform(seed, index));
+    x = (std::log(u) - std::log(F(1) - u) + log_alpha) * F(kInvBeta);
   }
-  return 1.0f / (1.0f + std::exp(-x));
+  return F(1) / (F(1) + std::exp(-x));
 }
 
 // the gate z in [0, 1] of log_alpha at global gate `index`
-inline float gate_value(float log_alpha, uint64_t seed, int64_t index, bool training) {
-  const float s = stretched_sigmoid(log_alpha, seed, index, training);
-  return std::min(std::max(s * kStretch + kGamma, 0.0f), 1.0f);
+template <typename F>
+inline F gate_value(F log_alpha, uint64_t seed, int64_t index, bool training) {
+  const F s = stretched_sigmoid(log_alpha, seed, index, training);
+  return std::min(std::max(s * F(kStretch) + F(kGamma), F(0)), F(1));
 }
 
 // dz / dlog_alpha, zero where the clamp is active
-inline float gate_grad(float log_alpha, uint64_t seed, int64_t index, bool training) {
-  const float s = stretched_sigmoid(log_alpha, seed, index, training);
-  const float y = s * kStretch + kGamma;
-  const float scale = training ? kStretchInvBeta : kStretch;
-  return (y > 0.0f && y < 1.0f) ? scale * s * (1.0f - s) : 0.0f;
+template <typename F>
+inline F gate_grad(F log_alpha, uint64_t seed, int64_t index, bool training) {
+  const F s = stretched_sigmoid(log_alpha, seed, index, training);
+  const F y = s * F(kStretch) + F(kGamma);
+  const F scale = training ? F(kStretch) * F(kInvBeta) : F(kStretch);
+  return (y > F(0) && y < F(1)) ? scale * s * (F(1) - s) : F(0);
 }
 
 }  // namespace nodeprune

@@ -36,8 +36,8 @@ from ..hard_concrete.kernels import gate_grad, gate_value
 
 from ..gate_stack import MAX_LEVELS  # noqa: F401  (the kernels take up to this many levels per side)
 
-# activation ids (constexpr ACT); the names users pass are mapped in ops/masked_mlp
-ACT_SILU, ACT_GELU, ACT_GELU_TANH, ACT_RELU = 1, 2, 3, 4
+# activation ids (constexpr ACT): ACT_IDS in ops/masked_mlp/reference.py, shared with csrc/masked_rows.cpp:
+# 1 silu, 2 gelu, 3 gelu_tanh, 4 relu
 # gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x * sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3). The constants
 # are written as literals in the jit functions (a constexpr global times a tensor trips the interpreter):
 # 1.5957691216057308 = 2 sqrt(2 / pi), 0.0713548162726009 = 2 sqrt(2 / pi) * 0.044715,

@@ -20,6 +20,8 @@ ACTIVATIONS = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
 }
+# the kernels' activation ids (ops/gated_gemm/kernels.py ACT_*, csrc/masked_rows.cpp enum Act)
+ACT_IDS = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
 # Hugging Face config names (hidden_act / hidden_activation) of the same functions
 ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 

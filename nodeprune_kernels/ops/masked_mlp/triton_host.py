@@ -13,10 +13,8 @@ import torch
 from ...utils.alloc import empty
 from ..gated_gemm import (gated_matmul, hidden_operand, level_grads, tensor_operand, vector_operand,
                           weight_operand)
-from ..gated_gemm.kernels import ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU
 from .function import hidden_eager, pre_lin, project, rows
-
-ACT_IDS = {"silu": ACT_SILU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "relu": ACT_RELU}
+from .reference import ACT_IDS
 
 
 def _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, M, Fh):
