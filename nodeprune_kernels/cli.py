@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("selfcheck", help="run every op against its reference and report the GPU builds")
     p.add_argument("--no-compile", action="store_true", help="skip compiling the kernels for sm_90 / sm_80")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="where the kernels run (default: cuda if available, else the Triton interpreter)")
+                   help="where the kernels run (default: cuda if available, else the CPU: the native kernels and "
+                        "Triton's interpreter)")
     args = parser.parse_args(argv)
 
     if args.command == "selfcheck":

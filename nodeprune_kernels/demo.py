@@ -234,10 +234,13 @@ DEMO_PREFIX_LEN = 12
 
 
 def demo_config(steps: int | None = None):
+    """The demo's PruneConfig; the model is on the CPU, so the native kernels run it (the reference when they
+    cannot be built, with a warning that says why)."""
     from .pruning.config import PruneConfig
+    from .utils.backend import cpu_backend
 
     return PruneConfig(ablation="zero", targets=DEMO_TARGETS, lambda_lr=0.1, steps=steps or 800, batch_size=16,
-                       n_examples=256, n_eval=64, backend="reference",
+                       n_examples=256, n_eval=64, backend=cpu_backend(),
                        task_options={"prefix_len": DEMO_PREFIX_LEN, "lo": 1, "bos_token_id": BOS})
 
 

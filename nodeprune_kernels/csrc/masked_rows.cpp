@@ -209,11 +209,15 @@ T* out_ptr(const std::optional<at::Tensor>& out, int64_t M, int64_t C, const cha
   return out->mutable_data_ptr<T>();
 }
 
-// rows [begin, end) in blocks of kBlockRows, in parallel over blocks
+// rows [begin, end) in blocks of kBlockRows, in parallel over blocks; a pass over fewer than
+// kParallelElements elements runs on the calling thread (a parallel region costs more than it saves there)
+constexpr int64_t kParallelElements = 1 << 16;
+
 template <typename F>
-void for_row_blocks(int64_t M, F f) {
+void for_row_blocks(int64_t M, int64_t C, F f) {
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, kBlockRows * C));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b, b * kBlockRows, std::min(M, (b + 1) * kBlockRows));
   });
 }
@@ -225,7 +229,7 @@ void gated_rows_impl(const Source& a_src, const Source& ac_src, const std::optio
   const Rows<T> a(a_src, M, C, "gated_rows: a"), ac(ac_src, M, C, "gated_rows: a_c");
   const A* zp = gate_ptr<A>(z, C, "gated_rows");
   T* o = out_ptr<T>(out, M, C, "gated_rows");
-  for_row_blocks(M, [&](int64_t, int64_t m0, int64_t m1) {
+  for_row_blocks(M, C, [&](int64_t, int64_t m0, int64_t m1) {
     std::vector<A> buf(C), bc(ac.present() ? C : 0);
     for (int64_t m = m0; m < m1; ++m) {
       a.load(m, C, buf.data());
@@ -267,7 +271,7 @@ void backward_rows_impl(const Source& p_src, const std::optional<at::Tensor>& z,
     sums = part->mutable_data_ptr<double>();
   }
   const bool hidden_out = out_kind == 1 && o1 != nullptr;
-  for_row_blocks(M, [&](int64_t block, int64_t m0, int64_t m1) {
+  for_row_blocks(M, C, [&](int64_t block, int64_t m0, int64_t m1) {
     std::vector<A> pb(C), eb(sums != nullptr && !hidden_out ? C : 0), cb(ec.present() ? C : 0);
     double* acc = sums != nullptr ? sums + block * C : nullptr;
     if (acc != nullptr) std::fill(acc, acc + C, 0.0);
@@ -317,7 +321,7 @@ void scale_add_impl(const at::Tensor& acc, const std::optional<at::Tensor>& z, c
   const Rows<T> yc(yc_src, M, C, "scale_add: y_c");
   const A* zp = gate_ptr<A>(z, C, "scale_add");
   T* o = out_ptr<T>(acc, M, C, "scale_add");
-  for_row_blocks(M, [&](int64_t, int64_t m0, int64_t m1) {
+  for_row_blocks(M, C, [&](int64_t, int64_t m0, int64_t m1) {
     std::vector<A> cb(yc.present() ? C : 0);
     for (int64_t m = m0; m < m1; ++m) {
       T* r = o + m * C;

@@ -52,14 +52,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting())):
             return "triton"
-        if device.type == "cpu":
-            from . import native
-
-            reason = native.unavailable_reason()
-            if reason is None:
-                return "native"
-            warn_once("native_fallback", f"backend='auto' on CPU runs the plain-PyTorch reference because {reason}")
-        return "reference"
+        return cpu_backend() if device.type == "cpu" else "reference"
     if backend == "native":
         if device.type != "cpu":
             raise RuntimeError(f"backend='native' runs on CPU tensors, got a tensor on {device.type!r}; use "
@@ -85,6 +78,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "backend='reference' there."
         )
     return "triton"
+
+
+def cpu_backend() -> str:
+    """The best backend for CPU tensors outside the interpreter: "native" when the native kernels build and
+    load, else "reference", with a one-time warning that says why and how to fix it."""
+    from . import native
+
+    reason = native.unavailable_reason()
+    if reason is None:
+        return "native"
+    warn_once("native_fallback", f"backend='auto' on CPU runs the plain-PyTorch reference because {reason}")
+    return "reference"
 
 
 _WARNED: set[str] = set()

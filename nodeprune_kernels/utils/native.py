@@ -70,13 +70,20 @@ def _fix_hint(reason: str) -> str:
             "Meanwhile backend='reference' works everywhere (slower, and it stores more for backward).")
 
 
-def _build():
+def _aot_module():
+    """``nodeprune_kernels._native`` when setup.py built it for this torch, else None."""
     try:
-        from .. import _native  # type: ignore[attr-defined]  # the ahead-of-time build, if any
+        from .. import _native  # type: ignore[attr-defined]
 
         return _native
-    except ImportError:
-        pass
+    except ImportError:  # not built, or built against another torch (undefined symbols)
+        return None
+
+
+def _build():
+    module = _aot_module()
+    if module is not None:
+        return module
     if os.environ.get("NODEPRUNE_NO_NATIVE_BUILD", "0") not in ("", "0"):
         raise NativeUnavailable(_fix_hint("NODEPRUNE_NO_NATIVE_BUILD is set and there is no ahead-of-time build"))
     compiler = os.environ.get("CXX", "c++")
