@@ -23,6 +23,18 @@ def _poison_outputs():
         yield
 
 
+@pytest.fixture(params=["triton", "native"], ids=["triton", "native"])
+def fused(request):
+    """The fused backend a test runs: the Triton kernels (the interpreter without a GPU) or the native C++
+    CPU kernels."""
+    return request.param
+
+
 @pytest.fixture
-def device():
+def device(request):
+    """DEVICE, except "cpu" for a test on the native backend (CPU only): one that uses ``fused`` and has it
+    "native", or one parametrized over ``backend`` with "native"."""
+    for name in ("fused", "backend"):
+        if name in request.fixturenames and request.getfixturevalue(name) == "native":
+            return "cpu"
     return DEVICE

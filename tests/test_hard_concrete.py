@@ -13,19 +13,66 @@ from nodeprune_kernels.ops.hard_concrete.reference import (
 )
 from nodeprune_kernels.utils.alloc import empty
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_outputs_are_poisoned_in_tests():
     assert torch.isnan(empty((4,), dtype=torch.float32, device="cpu")).all()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 7, 2**62 + 3])
-@pytest.mark.parametrize("offset", [0, 1, 977, 2**31 - 3000])
-def test_philox_bit_exact(seed, offset, device):
+SEEDS = [0, 1, 12345, 2**31 + 7, 2**32, 2**40 + 5, 2**62 + 3, 2**63 - 1]
+OFFSETS = [0, 1, 977, 2**31 - 3000, 2**31 - 2500]  # the last: gate 2**31 - 1, the highest there is
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_philox_bit_exact(seed, offset, fused, device):
     n = 2500
-    u_kernel = gate_noise(n, seed=seed, offset=offset, device=device, backend="triton")
+    u_kernel = gate_noise(n, seed=seed, offset=offset, device=device, backend=fused)
     u_ref = gate_noise(n, seed=seed, offset=offset, device=device, backend="reference")
-    assert u_kernel.dtype == torch.float32
+    assert u_kernel.dtype == torch.float32 and u_kernel.shape == (n,)
     assert torch.equal(u_kernel.view(torch.int32), u_ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_native_noise_equals_the_triton_kernel(seed, offset):
+    """The native Philox stream is the Triton kernel's, bit for bit (and so the reference's)."""
+    n = 2500
+    u_native = gate_noise(n, seed=seed, offset=offset, device="cpu", backend="native")
+    u_triton = gate_noise(n, seed=seed, offset=offset, device=DEVICE, backend="triton").cpu()
+    u_ref = gate_noise(n, seed=seed, offset=offset, device="cpu", backend="reference")
+    assert torch.equal(u_native.view(torch.int32), u_triton.view(torch.int32))
+    assert torch.equal(u_native.view(torch.int32), u_ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("seed", [3, 2**32 + 1, 2**63 - 1])
+def test_native_gates_equal_the_triton_kernel(training, seed):
+    """The same z from the native and the Triton kernels, and the same d log_alpha, up to float32 rounding."""
+    torch.manual_seed(1)
+    la = (torch.randn(3000) * 3).requires_grad_()
+    la_t = la.detach().to(DEVICE).requires_grad_()
+    offset = 2**31 - la.numel()
+    z_native = hard_concrete(la, seed=seed, offset=offset, training=training, backend="native")
+    z_triton = hard_concrete(la_t, seed=seed, offset=offset, training=training, backend="triton")
+    torch.testing.assert_close(z_native, z_triton.detach().cpu(), atol=1e-6, rtol=0)
+    dz = torch.randn_like(z_native)
+    (g_native,) = torch.autograd.grad(z_native, la, dz)
+    (g_triton,) = torch.autograd.grad(z_triton, la_t, dz.to(DEVICE))
+    torch.testing.assert_close(g_native, g_triton.cpu(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("seed", [0, 11, 2**33 + 9])
+def test_native_hard_concrete_float32_within_1e_6(training, seed):
+    """Native z of float32 log_alphas against the float64 reference: within 1e-6, every element."""
+    torch.manual_seed(seed % 1000)
+    la = torch.cat([torch.randn(5000) * 3, torch.linspace(-12, 12, 997)]).requires_grad_()
+    z = hard_concrete(la, seed=seed, offset=7, training=training, backend="native")
+    z_ref = hard_concrete_reference(la.detach().double(), seed=seed, offset=7, training=training)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), z_ref, atol=1e-6, rtol=0)
 
 
 def test_philox_reference_known_answer():
@@ -44,10 +91,10 @@ def test_noise_is_uniform_and_clamped():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (1030,)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hard_concrete_matches_reference(training, shape, dtype, device):
+def test_hard_concrete_matches_reference(training, shape, dtype, fused, device):
     torch.manual_seed(0)
     la = (torch.randn(shape, dtype=dtype, device=device) * 2).requires_grad_()
-    z = hard_concrete(la, seed=11, offset=5, training=training, backend="triton")
+    z = hard_concrete(la, seed=11, offset=5, training=training, backend=fused)
     z_ref = hard_concrete_reference(la.double(), seed=11, offset=5, training=training)
     assert z.shape == la.shape and z.dtype == dtype
     torch.testing.assert_close(z.double(), z_ref, atol=2e-6, rtol=0)
@@ -57,10 +104,10 @@ def test_hard_concrete_matches_reference(training, shape, dtype, device):
     torch.testing.assert_close(g.double(), g_ref.double(), atol=2e-5, rtol=1e-5)
 
 
-def test_hard_concrete_non_contiguous(device):
+def test_hard_concrete_non_contiguous(fused, device):
     base = torch.randn(6, 8, device=device)
     la = base[:, ::2].requires_grad_()
-    z = hard_concrete(la, seed=2, backend="triton")
+    z = hard_concrete(la, seed=2, backend=fused)
     torch.testing.assert_close(z, hard_concrete_reference(la.detach().contiguous(), seed=2), atol=1e-6, rtol=0)
 
 
@@ -102,7 +149,7 @@ def test_reference_gradcheck():
         assert torch.autograd.gradcheck(lambda a: hard_concrete_reference(a, seed=3, training=training), (la,))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 def test_bad_inputs(backend, device):
     la = torch.zeros(4, device=device)
     with pytest.raises(ValueError, match="non-finite"):

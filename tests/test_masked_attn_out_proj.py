@@ -40,9 +40,10 @@ def make_gates(spec, device):
     return in_gates, out_gates
 
 
-def check_against_reference(x, w, b, in_gates, out_gates, x_ablate=None, layout="out_in", training=True, seed=5):
+def check_against_reference(x, w, b, in_gates, out_gates, fused, x_ablate=None, layout="out_in", training=True,
+                            seed=5):
     kw = dict(x_ablate=x_ablate, seed=seed, training=training, weight_layout=layout)
-    y = masked_attn_out_proj(x, w, b, in_gates=in_gates, out_gates=out_gates, backend="triton", **kw)
+    y = masked_attn_out_proj(x, w, b, in_gates=in_gates, out_gates=out_gates, backend=fused, **kw)
     assert y.shape == (*x.shape[:-2], N)
     g64 = [gates64(in_gates), gates64(out_gates)]
     x64 = to64(x).requires_grad_()
@@ -62,32 +63,32 @@ def weight(dtype, device, layout="out_in"):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["bshd", "bhsd", "sbhd", "strided"])
 @pytest.mark.parametrize("ablation", ["zero", "mean", "interchange"])
-def test_matches_reference_in_every_layout(dtype, layout, ablation, device):
+def test_matches_reference_in_every_layout(dtype, layout, ablation, fused, device):
     torch.manual_seed(zlib.crc32(f"{dtype}-{layout}-{ablation}".encode()))
     x = attn_output(layout, dtype, device).requires_grad_()
     x_ablate = {"zero": None, "mean": torch.randn(H, HD, device=device).to(dtype),
                 "interchange": attn_output("bhsd", dtype, device)}[ablation]  # corrupted run, its own layout
     in_gates, out_gates = make_gates("LAHno", device)
     check_against_reference(x, weight(dtype, device), torch.randn(N, device=device).to(dtype), in_gates, out_gates,
-                            x_ablate)
+                            fused, x_ablate)
 
 
 @pytest.mark.parametrize("gates", ["L", "A", "H", "n", "o", "Hn"])
-def test_each_gate_level_alone(gates, device):
+def test_each_gate_level_alone(gates, fused, device):
     torch.manual_seed(zlib.crc32(gates.encode()))
     x = attn_output("bhsd", torch.float32, device).requires_grad_()
     in_gates, out_gates = make_gates(gates, device)
-    check_against_reference(x, weight(torch.float32, device), None, in_gates, out_gates,
+    check_against_reference(x, weight(torch.float32, device), None, in_gates, out_gates, fused,
                             attn_output("bshd", torch.float32, device))
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("training", [True, False])
-def test_weight_layouts_and_modes(layout, training, device):
+def test_weight_layouts_and_modes(layout, training, fused, device):
     torch.manual_seed(3)
     x = attn_output("sbhd", torch.float32, device).requires_grad_()
     in_gates, out_gates = make_gates("Hn", device)
-    check_against_reference(x, weight(torch.float32, device, layout), None, in_gates, out_gates,
+    check_against_reference(x, weight(torch.float32, device, layout), None, in_gates, out_gates, fused,
                             torch.randn(H * HD, device=device), layout=layout, training=training)
 
 
@@ -97,7 +98,7 @@ def test_attention_layouts_are_read_in_place():
         assert tuple(choose_split(attn_output(layout, torch.float32, "cpu"), 2)) == expect, layout
 
 
-def test_closed_heads_and_neurons_zero_weight_columns(device):
+def test_closed_heads_and_neurons_zero_weight_columns(fused, device):
     torch.manual_seed(4)
     x = attn_output("bhsd", torch.float32, device)
     w, b = weight(torch.float32, device), torch.randn(N, device=device)
@@ -106,7 +107,7 @@ def test_closed_heads_and_neurons_zero_weight_columns(device):
     neuron = torch.full((H * HD,), 20.0, device=device)
     neuron[[0, 13, 71]] = -20.0
     y = masked_attn_out_proj(x, w, b, in_gates=[Gate(head, HD), Gate(neuron, 1, H)], training=False,
-                             backend="triton")
+                             backend=fused)
     w_cut = w.clone()
     for h in (1, 4):
         w_cut[:, h * HD:(h + 1) * HD] = 0
@@ -148,7 +149,7 @@ class GQAAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gqa_block_matches_reference(dtype, device):
+def test_gqa_block_matches_reference(dtype, fused, device):
     torch.manual_seed(5)
     d_model, n_kv = N, 2
     attn = GQAAttention(d_model, H, n_kv, HD, device, dtype)
@@ -158,7 +159,7 @@ def test_gqa_block_matches_reference(dtype, device):
     with torch.no_grad():
         corrupted = attn.attend(x_c).transpose(1, 2)  # the interchange values, in SDPA's layout
     kw = dict(in_gates=in_gates, out_gates=out_gates, x_ablate=corrupted, seed=9)
-    y = attn.masked(x, "triton", **kw)
+    y = attn.masked(x, fused, **kw)
     y_ref = attn.masked(x, "reference", **kw)
     leaves = [x] + [g.log_alpha for g in in_gates]
     dy = torch.randn_like(y)
@@ -169,7 +170,7 @@ def test_gqa_block_matches_reference(dtype, device):
 
 
 @pytest.mark.parametrize("ablation", ["zero", "interchange"])
-def test_gqa_block_saves_no_more_than_the_unmasked_block(ablation, device):
+def test_gqa_block_saves_no_more_than_the_unmasked_block(ablation, fused, device):
     """The output projection saves a reference to SDPA's own output: the masked block saves exactly what
     the unmasked frozen block saves, plus the gate parameters (plus, for interchange, the corrupted
     attention output, one d_model vector per token)."""
@@ -183,17 +184,17 @@ def test_gqa_block_saves_no_more_than_the_unmasked_block(ablation, device):
     corrupted = attn.attend(torch.randn_like(x)).transpose(1, 2).detach() if ablation == "interchange" else None
     with SavedTensorBytes(ignore=params) as frozen:
         attn(x)
-    with SavedTensorBytes(ignore=params) as fused:
-        attn.masked(x, "triton", in_gates=in_gates, out_gates=out_gates, x_ablate=corrupted)
+    with SavedTensorBytes(ignore=params) as saved:
+        attn.masked(x, fused, in_gates=in_gates, out_gates=out_gates, x_ablate=corrupted)
     gate_bytes = sum(la.untyped_storage().nbytes() for la in las)
     extra = corrupted.untyped_storage().nbytes() if corrupted is not None else 0
-    assert fused.bytes == frozen.bytes + gate_bytes + extra, (fused.tensors, frozen.tensors)
+    assert saved.bytes == frozen.bytes + gate_bytes + extra, (saved.tensors, frozen.tensors)
     with SavedTensorBytes(ignore=params) as eager:
         attn.masked(x, "reference", in_gates=in_gates, out_gates=out_gates, x_ablate=corrupted)
-    assert eager.bytes > fused.bytes
+    assert eager.bytes > saved.bytes
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 def test_bad_inputs_get_clear_errors(backend, device):
     x = attn_output("bshd", torch.float32, device)
     w = weight(torch.float32, device)

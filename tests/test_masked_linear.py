@@ -37,9 +37,10 @@ def make_inputs(dtype, device, lead=(2, 9), layout="out_in", ablation="zero", bi
     return x, w, b, x_ablate
 
 
-def check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, training=True, seed=123, y_ablate=None):
+def check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, fused, training=True, seed=123,
+                            y_ablate=None):
     kw = dict(x_ablate=x_ablate, y_ablate=y_ablate, seed=seed, training=training, weight_layout=layout)
-    y = masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, backend="triton", **kw)
+    y = masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, backend=fused, **kw)
     assert y.shape == (*x.shape[:-1], N)
     g64 = [gates64(in_gates), gates64(out_gates)]
     x64 = to64(x).requires_grad_()
@@ -54,67 +55,67 @@ def check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, trai
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ablation", ["zero", "mean", "interchange"])
 @pytest.mark.parametrize("gates", ["n", "o", "LBHn", "BHo", "LBHno"])
-def test_matches_reference(dtype, ablation, gates, device):
+def test_matches_reference(dtype, ablation, gates, fused, device):
     torch.manual_seed(zlib.crc32(f"{dtype}-{ablation}-{gates}".encode()))  # same data every run
     x, w, b, x_ablate = make_inputs(dtype, device, ablation=ablation)
     in_gates, out_gates = make_gates(gates, K, N, device)
-    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in")
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in", fused)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("noncontig", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_layouts_strides_and_modes(dtype, layout, noncontig, training, device):
+def test_layouts_strides_and_modes(dtype, layout, noncontig, training, fused, device):
     torch.manual_seed(1)
     x, w, b, x_ablate = make_inputs(dtype, device, lead=(3, 5), layout=layout, ablation="interchange",
                                     noncontig=noncontig, bias=not training)
     in_gates, out_gates = make_gates("Hno", K, N, device)
-    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, training=training)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, fused, training=training)
 
 
 @pytest.mark.parametrize("lead", [(), (1,), (130,), (2, 1, 3)])
-def test_leading_dims(lead, device):
+def test_leading_dims(lead, fused, device):
     torch.manual_seed(2)
     x, w, b, x_ablate = make_inputs(torch.float32, device, lead=lead, ablation="mean")
     in_gates, out_gates = make_gates("Bno", K, N, device)
-    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in")
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in", fused)
 
 
-def test_transposed_input(device):
+def test_transposed_input(fused, device):
     torch.manual_seed(3)
     x = torch.randn(K, 7, 3, device=device).permute(2, 1, 0).requires_grad_()  # [3, 7, K], stride 1 on no dim
     w = torch.randn(N, K, device=device) / K**0.5
     in_gates, out_gates = make_gates("Hn", K, N, device)
-    check_against_reference(x, w, None, in_gates, out_gates, None, "out_in")
+    check_against_reference(x, w, None, in_gates, out_gates, None, "out_in", fused)
 
 
-def test_y_ablate(device):
+def test_y_ablate(fused, device):
     torch.manual_seed(4)
     x, w, b, x_ablate = make_inputs(torch.float32, device, ablation="interchange")
     y_ablate = torch.randn(*x.shape[:-1], N, device=device)
     in_gates, out_gates = make_gates("no", K, N, device)
-    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in", y_ablate=y_ablate)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, "out_in", fused, y_ablate=y_ablate)
 
 
-def test_no_gates_is_linear(device):
+def test_no_gates_is_linear(fused, device):
     x, w, b, _ = make_inputs(torch.float32, device)
-    y = masked_linear(x, w, b, backend="triton")
+    y = masked_linear(x, w, b, backend=fused)
     assert rel_err(y, F.linear(x.double(), w.double(), b.double())) < 2e-6
 
 
-def test_empty_batch(device):
+def test_empty_batch(fused, device):
     x = torch.randn(0, K, device=device, requires_grad=True)
     w = torch.randn(N, K, device=device)
     in_gates, out_gates = make_gates("no", K, N, device)
-    y = masked_linear(x, w, in_gates=in_gates, out_gates=out_gates, backend="triton")
+    y = masked_linear(x, w, in_gates=in_gates, out_gates=out_gates, backend=fused)
     assert y.shape == (0, N)
     grads = torch.autograd.grad(y.sum(), [x, in_gates[0].log_alpha, out_gates[0].log_alpha])
     assert grads[0].shape == (0, K) and all(torch.all(g == 0) for g in grads[1:])
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_closed_gates_zero_weight_columns_and_rows(layout, device):
+def test_closed_gates_zero_weight_columns_and_rows(layout, fused, device):
     """Zero ablation, deterministic gates: closing a gate equals zeroing the weight's column / row."""
     torch.manual_seed(5)
     x, w, b, _ = make_inputs(torch.float32, device, layout=layout)
@@ -126,7 +127,7 @@ def test_closed_gates_zero_weight_columns_and_rows(layout, device):
     out = torch.full((N,), 20.0, device=device)
     out[[3, 39]] = -20.0
     y = masked_linear(x, w, b, in_gates=[Gate(head, K // H), Gate(neuron, 1, H)], out_gates=[Gate(out, 1)],
-                      training=False, weight_layout=layout, backend="triton")
+                      training=False, weight_layout=layout, backend=fused)
     w_oi[:, 2 * (K // H):3 * (K // H)] = 0
     w_oi[:, [0, 5, 71]] = 0
     w_oi[[3, 39], :] = 0
@@ -134,18 +135,21 @@ def test_closed_gates_zero_weight_columns_and_rows(layout, device):
 
 
 def test_backends_draw_identical_gates(device):
-    """With a weight of ones and zero ablation, y reveals the sampled gates: both backends agree."""
+    """With a weight of ones and zero ablation, y reveals the sampled gates: all backends agree."""
     la_in = torch.randn(K, device=device)
-    x = torch.zeros(1, K, device=device)
-    x[0, 10] = 1.0
+    x = torch.ones(1, K, device=device)
     w = torch.eye(K, device=device)
-    for seed in (0, 7, 2**40):
-        ys = [masked_linear(x, w, in_gates=[Gate(la_in, 1, 33)], seed=seed, backend=be) for be in ("triton",
-                                                                                                    "reference")]
-        torch.testing.assert_close(ys[0], ys[1], atol=1e-6, rtol=0)
+    for seed in (0, 7, 2**32, 2**40, 2**63 - 1):
+        for offset in (33, 2**31 - K):
+            ys = {be: masked_linear(x.to(dev), w.to(dev), in_gates=[Gate(la_in.to(dev), 1, offset)], seed=seed,
+                                    backend=be).cpu()
+                  for be, dev in (("triton", device), ("native", "cpu"), ("reference", device))}
+            torch.testing.assert_close(ys["triton"], ys["reference"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(ys["native"], ys["reference"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(ys["native"], ys["triton"], atol=1e-6, rtol=0)
 
 
-def test_weight_and_bias_grad_slow_path(device):
+def test_weight_and_bias_grad_slow_path(fused, device):
     torch.manual_seed(6)
     for layout in ("out_in", "in_out"):
         x, w, b, x_ablate = make_inputs(torch.float32, device, layout=layout, ablation="mean")
@@ -155,7 +159,7 @@ def test_weight_and_bias_grad_slow_path(device):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             y = masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,
-                              weight_layout=layout, seed=3, backend="triton")
+                              weight_layout=layout, seed=3, backend=fused)
         y_ref = masked_linear_reference(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate,
                                         weight_layout=layout, seed=3)
         dy = torch.randn_like(y)
@@ -181,13 +185,13 @@ def test_reference_gradcheck():
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean", "interchange"])
-def test_saved_bytes(ablation, device):
+def test_saved_bytes(ablation, fused, device):
     """Saved for backward: x (plus x_c for interchange) plus the gate parameters, nothing of token size else."""
     x, w, b, x_ablate = make_inputs(torch.bfloat16, device, lead=(4, 33), ablation=ablation)
     in_gates, out_gates = make_gates("LBHno", K, N, device)
     las = [g.log_alpha for g in in_gates + out_gates]
     with SavedTensorBytes(ignore=[w, b]) as saved:
-        masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate, backend="triton")
+        masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate, backend=fused)
     gate_bytes = sum(la.untyped_storage().nbytes() for la in las)
     expect = x.untyped_storage().nbytes() + gate_bytes
     if ablation == "interchange":
@@ -212,7 +216,7 @@ def test_frozen_linear_baseline_saves_nothing_but_weight(device):
     assert saved.bytes == 0
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 def test_bad_inputs_get_clear_errors(backend, device):
     x = torch.randn(3, K, device=device)
     w = torch.randn(N, K, device=device)
@@ -272,3 +276,20 @@ def test_triton_rejects_float64_and_cpu_without_interpreter(monkeypatch, device)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="CUDA"):
             masked_linear(x.float(), w.float(), backend="triton")
+
+
+@pytest.mark.parametrize("la_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("training", [True, False])
+def test_native_float64(la_dtype, layout, training):
+    """float64 runs on the native kernels (Triton refuses it): output and gradients against the reference."""
+    torch.manual_seed(zlib.crc32(f"{la_dtype}-{layout}-{training}".encode()))
+    x, w, b, x_ablate = make_inputs(torch.float64, "cpu", lead=(3, 5), layout=layout, ablation="interchange",
+                                    noncontig=True)
+    in_gates, out_gates = make_gates("LBHno", K, N, "cpu")
+    cast = (lambda gs: [Gate(g.log_alpha.detach().to(la_dtype).requires_grad_(), g.group, g.offset) for g in gs])
+    in_gates, out_gates = cast(in_gates), cast(out_gates)
+    check_against_reference(x, w, b, in_gates, out_gates, x_ablate, layout, "native", training=training)
+    with pytest.raises(TypeError, match="backend='reference'"):
+        masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate, weight_layout=layout,
+                      backend="triton")

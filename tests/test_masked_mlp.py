@@ -57,9 +57,10 @@ def ablation_kwargs(ablation, x, dtype, device):
     return {}
 
 
-def check_against_reference(x, mlp, activation, in_gates, out_gates, abl, layout="out_in", training=True, seed=11):
+def check_against_reference(x, mlp, activation, in_gates, out_gates, abl, fused, layout="out_in", training=True,
+                            seed=11):
     kw = dict(activation=activation, seed=seed, training=training, weight_layout=layout, **abl)
-    y = masked_mlp(x, **mlp, in_gates=in_gates, out_gates=out_gates, backend="triton", **kw)
+    y = masked_mlp(x, **mlp, in_gates=in_gates, out_gates=out_gates, backend=fused, **kw)
     assert y.shape == x.shape
     g64 = [gates64(in_gates), gates64(out_gates)]
     x64 = to64(x).requires_grad_()
@@ -70,7 +71,7 @@ def check_against_reference(x, mlp, activation, in_gates, out_gates, abl, layout
     leaves64 = [x64] + [g.log_alpha for g in g64[0] + g64[1]]
     names = ["dx"] + [f"d log_alpha[{i}]" for i in range(len(leaves) - 1)]
     y_eager = None
-    if x.dtype != torch.float32:  # 16-bit: also allow what eager PyTorch itself gets in that dtype (x2)
+    if x.dtype in (torch.float16, torch.bfloat16):  # 16-bit: also allow what eager PyTorch itself gets (x2)
         y_eager = masked_mlp_reference(x, **mlp, in_gates=in_gates, out_gates=out_gates, **kw)
     assert_output_and_grads(y, y_ref, leaves, leaves64, x.dtype, names, y_eager=y_eager)
 
@@ -78,29 +79,30 @@ def check_against_reference(x, mlp, activation, in_gates, out_gates, abl, layout
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation,gated", MLPS)
 @pytest.mark.parametrize("ablation", ABLATIONS)
-def test_matches_reference(dtype, activation, gated, ablation, device):
+def test_matches_reference(dtype, activation, gated, ablation, fused, device):
     torch.manual_seed(zlib.crc32(f"{dtype}-{activation}-{gated}-{ablation}".encode()))
     x = torch.randn(2, 9, D, device=device).to(dtype).requires_grad_()
     mlp = make_mlp(dtype, device, gated)
     in_gates, out_gates = make_gates("LBbno", device)
-    check_against_reference(x, mlp, activation, in_gates, out_gates, ablation_kwargs(ablation, x, dtype, device))
+    check_against_reference(x, mlp, activation, in_gates, out_gates, ablation_kwargs(ablation, x, dtype, device),
+                            fused)
 
 
 @pytest.mark.parametrize("gates", ["L", "B", "b", "n", "o", "no"])
 @pytest.mark.parametrize("ablation", ["zero", "interchange"])
-def test_each_gate_level_alone(gates, ablation, device):
+def test_each_gate_level_alone(gates, ablation, fused, device):
     torch.manual_seed(zlib.crc32(f"{gates}-{ablation}".encode()))
     x = torch.randn(3, 7, D, device=device).requires_grad_()
     mlp = make_mlp(torch.float32, device)
     in_gates, out_gates = make_gates(gates, device)
     check_against_reference(x, mlp, "silu", in_gates, out_gates,
-                            ablation_kwargs(ablation, x, torch.float32, device))
+                            ablation_kwargs(ablation, x, torch.float32, device), fused)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("training", [True, False])
-def test_layouts_strides_and_modes(dtype, layout, training, device):
+def test_layouts_strides_and_modes(dtype, layout, training, fused, device):
     """Conv1D ([in, out]) weights, a non-contiguous input, no biases, deterministic gates."""
     torch.manual_seed(zlib.crc32(f"{dtype}-{layout}-{training}".encode()))
     x = torch.randn(3, 5, 2 * D, device=device).to(dtype)[..., ::2].requires_grad_()
@@ -108,23 +110,23 @@ def test_layouts_strides_and_modes(dtype, layout, training, device):
     in_gates, out_gates = make_gates("bno", device)
     abl = ablation_kwargs("interchange", x, dtype, device)
     abl["x_corrupt"] = abl["x_corrupt"].transpose(0, 1).contiguous().transpose(0, 1)  # strided corrupted input
-    check_against_reference(x, mlp, "gelu_tanh", in_gates, out_gates, abl, layout=layout, training=training)
+    check_against_reference(x, mlp, "gelu_tanh", in_gates, out_gates, abl, fused, layout=layout, training=training)
 
 
 @pytest.mark.parametrize("lead", [(), (1,), (130,), (2, 1, 3)])
-def test_leading_dims(lead, device):
+def test_leading_dims(lead, fused, device):
     """Including 130 tokens: several row tiles, whose partial gate sums are reduced."""
     torch.manual_seed(2)
     x = torch.randn(*lead, D, device=device).requires_grad_()
     in_gates, out_gates = make_gates("Bno", device)
     check_against_reference(x, make_mlp(torch.float32, device), "silu", in_gates, out_gates,
-                            ablation_kwargs("mean", x, torch.float32, device))
+                            ablation_kwargs("mean", x, torch.float32, device), fused)
 
 
-def test_empty_batch(device):
+def test_empty_batch(fused, device):
     x = torch.randn(0, D, device=device, requires_grad=True)
     in_gates, out_gates = make_gates("no", device)
-    y = masked_mlp(x, **make_mlp(torch.float32, device), in_gates=in_gates, out_gates=out_gates, backend="triton")
+    y = masked_mlp(x, **make_mlp(torch.float32, device), in_gates=in_gates, out_gates=out_gates, backend=fused)
     assert y.shape == (0, D)
     grads = torch.autograd.grad(y.sum(), [x, in_gates[0].log_alpha, out_gates[0].log_alpha])
     assert grads[0].shape == (0, D) and all(torch.all(g == 0) for g in grads[1:])
@@ -141,17 +143,17 @@ def eager_mlp(x, p, activation):
 
 
 @pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu_tanh", False)])
-def test_open_gates_equal_the_unmasked_mlp(activation, gated, device):
+def test_open_gates_equal_the_unmasked_mlp(activation, gated, fused, device):
     torch.manual_seed(3)
     x = torch.randn(4, 6, D, device=device)
     mlp = make_mlp(torch.float32, device, gated)
     open_ = [Gate(torch.full((FF,), 20.0, device=device), 1)]
-    y = masked_mlp(x, **mlp, activation=activation, in_gates=open_, training=False, backend="triton")
+    y = masked_mlp(x, **mlp, activation=activation, in_gates=open_, training=False, backend=fused)
     torch.testing.assert_close(y, eager_mlp(x, mlp, activation), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu", False)])
-def test_closed_gates_zero_down_weight_columns_and_rows(activation, gated, device):
+def test_closed_gates_zero_down_weight_columns_and_rows(activation, gated, fused, device):
     """Zero ablation, deterministic gates: a closed unit or block is a zeroed column of W_down, a closed
     output feature a zeroed row (the bias stays)."""
     torch.manual_seed(4)
@@ -164,7 +166,7 @@ def test_closed_gates_zero_down_weight_columns_and_rows(activation, gated, devic
     out = torch.full((D,), 20.0, device=device)
     out[[1, 39]] = -20.0
     y = masked_mlp(x, **mlp, activation=activation, in_gates=[Gate(block, FF // NB), Gate(unit, 1, NB)],
-                   out_gates=[Gate(out, 1)], training=False, backend="triton")
+                   out_gates=[Gate(out, 1)], training=False, backend=fused)
     cut = dict(mlp, down_weight=mlp["down_weight"].clone())
     cut["down_weight"][:, 3 * (FF // NB):4 * (FF // NB)] = 0
     cut["down_weight"][:, [0, 10, 71]] = 0
@@ -172,13 +174,17 @@ def test_closed_gates_zero_down_weight_columns_and_rows(activation, gated, devic
     torch.testing.assert_close(y, eager_mlp(x, cut, activation), atol=1e-5, rtol=1e-5)
 
 
-def test_closed_block_under_interchange_gives_the_corrupted_output(device):
+def test_closed_block_under_interchange_gives_the_corrupted_output(fused, device):
     torch.manual_seed(5)
     x, xc = torch.randn(2, 5, D, device=device), torch.randn(2, 5, D, device=device)
     mlp = make_mlp(torch.float32, device)
     closed = [Gate(torch.full((1,), -20.0, device=device), FF)]
-    y = masked_mlp(x, **mlp, in_gates=closed, x_corrupt=xc, training=False, backend="triton")
+    y = masked_mlp(x, **mlp, in_gates=closed, x_corrupt=xc, training=False, backend=fused)
     torch.testing.assert_close(y, eager_mlp(xc, mlp, "silu"), atol=1e-5, rtol=1e-5)
+
+
+def on_cpu(gates):
+    return [Gate(g.log_alpha.cpu(), g.group, g.offset) for g in gates]
 
 
 def test_backends_draw_identical_gates(device):
@@ -190,9 +196,14 @@ def test_backends_draw_identical_gates(device):
         ys = [masked_mlp(x, **mlp, in_gates=in_gates, out_gates=out_gates, seed=seed, backend=be)
               for be in ("triton", "reference")]
         assert rel_err(ys[0], ys[1].double()) < 1e-5
+        mlp_cpu = {k: None if v is None else v.cpu() for k, v in mlp.items()}
+        y_native = masked_mlp(x.cpu(), **mlp_cpu, in_gates=on_cpu(in_gates), out_gates=on_cpu(out_gates), seed=seed,
+                              backend="native")
+        assert rel_err(y_native, ys[1].cpu().double()) < 1e-5
+        assert rel_err(y_native, ys[0].cpu().double()) < 1e-5
 
 
-def test_weight_and_bias_grads_slow_path(device):
+def test_weight_and_bias_grads_slow_path(fused, device):
     torch.manual_seed(7)
     x = torch.randn(3, 4, D, device=device, requires_grad=True)
     mlp = make_mlp(torch.float32, device)
@@ -202,7 +213,7 @@ def test_weight_and_bias_grads_slow_path(device):
     kw = dict(in_gates=in_gates, out_gates=out_gates, x_corrupt=torch.randn(3, 4, D, device=device), seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        y = masked_mlp(x, **mlp, backend="triton", **kw)
+        y = masked_mlp(x, **mlp, backend=fused, **kw)
     y_ref = masked_mlp_reference(x, **mlp, **kw)
     leaves = [x] + [mlp[n] for n in ("up_weight", "gate_bias", "down_weight", "down_bias")]
     dy = torch.randn_like(y)
@@ -237,7 +248,7 @@ def _saved(fn, ignore):
 
 @pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu_tanh", False)])
 @pytest.mark.parametrize("ablation", ["zero", "mean", "interchange", "interchange_cached"])
-def test_saved_bytes(activation, gated, ablation, device):
+def test_saved_bytes(activation, gated, ablation, fused, device):
     """Gated: g and u only; non-gated: the pre-activation only; plus the ablation input (a [d_ff] mean, or
     the corrupted d_model input; d_ff more with the cache) and the gate parameters."""
     dtype, lead = torch.bfloat16, (4, 33)
@@ -248,27 +259,27 @@ def test_saved_bytes(activation, gated, ablation, device):
     in_gates, out_gates = make_gates("LBbno", device)
     las = [g.log_alpha for g in in_gates + out_gates]
     abl = ablation_kwargs(ablation, x, dtype, device)
-    fused = _saved(lambda: masked_mlp(x, **mlp, activation=activation, in_gates=in_gates, out_gates=out_gates,
-                                      backend="triton", **abl), params)
+    saved = _saved(lambda: masked_mlp(x, **mlp, activation=activation, in_gates=in_gates, out_gates=out_gates,
+                                      backend=fused, **abl), params)
     frozen = _saved(lambda: eager_mlp(x, mlp, activation), params)
     gate_bytes = sum(la.untyped_storage().nbytes() for la in las)
     per_token = (2 if gated else 1) * FF * item
     assert frozen.bytes >= M * per_token  # the ordinary MLP keeps at least the pre-activations too
     extra = {"zero": 0, "mean": FF * item, "interchange": M * D * item,
              "interchange_cached": M * FF * item}[ablation]
-    assert fused.bytes == M * per_token + extra + gate_bytes, fused.tensors
+    assert saved.bytes == M * per_token + extra + gate_bytes, saved.tensors
     if ablation in ("zero", "mean"):
-        assert fused.bytes <= frozen.bytes + extra + gate_bytes
+        assert saved.bytes <= frozen.bytes + extra + gate_bytes
     # the eager masked MLP (the reference, as written with hooks) keeps more
     eager = _saved(lambda: masked_mlp(x, **mlp, activation=activation, in_gates=in_gates, out_gates=out_gates,
                                       backend="reference", **abl), params)
-    assert eager.bytes > fused.bytes
+    assert eager.bytes > saved.bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 def test_bad_inputs_get_clear_errors(backend, device):
     x = torch.randn(3, D, device=device)
     mlp = make_mlp(torch.float32, device)
@@ -312,9 +323,23 @@ def test_bad_inputs_get_clear_errors(backend, device):
         call(up_weight=mlp["up_weight"][None])
 
 
-def test_activation_aliases_are_the_same_function(device):
+def test_activation_aliases_are_the_same_function(fused, device):
     x = torch.randn(2, D, device=device)
     mlp = make_mlp(torch.float32, device, gated=False)
-    ys = [masked_mlp(x, **mlp, activation=a, backend="triton") for a in ("gelu_new", "gelu_pytorch_tanh")]
+    ys = [masked_mlp(x, **mlp, activation=a, backend=fused) for a in ("gelu_new", "gelu_pytorch_tanh")]
     torch.testing.assert_close(ys[0], ys[1])
     torch.testing.assert_close(ys[0], eager_mlp(x, mlp, "gelu_tanh"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation,gated", MLPS)
+@pytest.mark.parametrize("ablation", ["zero", "interchange_cached", "hidden"])
+def test_native_float64(activation, gated, ablation):
+    """float64 runs on the native kernels (Triton refuses it): output and gradients against the reference."""
+    torch.manual_seed(zlib.crc32(f"f64-{activation}-{gated}-{ablation}".encode()))
+    x = torch.randn(2, 9, D, dtype=torch.float64).requires_grad_()
+    mlp = make_mlp(torch.float64, "cpu", gated)
+    in_gates, out_gates = make_gates("LBbno", "cpu")
+    abl = ablation_kwargs(ablation, x, torch.float64, "cpu")
+    check_against_reference(x, mlp, activation, in_gates, out_gates, abl, "native")
+    with pytest.raises(TypeError, match="backend='reference'"):
+        masked_mlp(x, **mlp, activation=activation, in_gates=in_gates, out_gates=out_gates, backend="triton", **abl)
