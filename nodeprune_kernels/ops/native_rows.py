@@ -39,6 +39,16 @@ def gate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def widen(*tensors):
+    """float32 copies of float16 / bfloat16 tensors (others, and None, as they are), for the backward.
+
+    The backward's GEMM outputs feed the gate gradients, sums over every token with heavy cancellation: a
+    16-bit P would put its rounding into them (seen: a head gate's gradient off by 40% in bfloat16), where the
+    Triton kernels keep P in float32 registers. ATen has no 16-bit CPU GEMM with a float32 output, so the
+    native backward of a 16-bit op runs in float32 on widened temporaries (nothing more is saved)."""
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 def feature_gates(levels, n: int, like: torch.Tensor, *, seed: int, training: bool) -> torch.Tensor | None:
     """The per-feature gate ([n], the product over a stack's levels) in the dtype the passes over ``like``
     compute in (:func:`gate_dtype`), or None for an empty stack."""
@@ -68,6 +78,15 @@ def gated_rows(a, ac, z, M: int, C: int, like: torch.Tensor) -> torch.Tensor:
     """(A - A_c) * z as a new contiguous [M, C] tensor of ``like``'s dtype (z None: no gate)."""
     out = empty((M, C), dtype=like.dtype, device="cpu")
     native.load().gated_rows(a, ac, z, out, M, C)
+    return out
+
+
+def gated_matmul(t: torch.Tensor, z, w: torch.Tensor, M: int, C: int) -> torch.Tensor:
+    """(t * z) @ w as a new contiguous [M, w.shape[1]] tensor: t is [..., C] (any strides), z a per-column gate
+    or None, w a [C, R] matrix (a view of a weight). The gated operand is a temporary."""
+    g = t.reshape(M, C) if z is None else gated_rows(tensor(t), NONE, z, M, C, t)
+    out = empty((M, w.shape[1]), dtype=t.dtype, device="cpu")
+    torch.mm(g, w, out=out)
     return out
 
 

@@ -59,7 +59,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                                "backend='triton' (or 'auto') on CUDA, or move the tensors to the CPU")
         from . import native
 
-        native.load()  # raises NativeUnavailable with the reason and the fix
+        if not torch.compiler.is_compiling():  # inside a trace the op itself loads it when it runs
+            native.load()  # raises NativeUnavailable with the reason and the fix
         return "native"
     if not HAS_TRITON:
         raise RuntimeError(
@@ -85,6 +86,8 @@ def cpu_backend() -> str:
     load, else "reference", with a one-time warning that says why and how to fix it."""
     from . import native
 
+    if torch.compiler.is_compiling():  # no build inside a trace: the op builds it when it first runs
+        return "reference" if native.known_unavailable() else "native"
     reason = native.unavailable_reason()
     if reason is None:
         return "native"

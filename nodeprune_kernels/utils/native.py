@@ -109,6 +109,9 @@ def _build():
 
 def load():
     """The extension module (building it on first use); raises :class:`NativeUnavailable` with the reason."""
+    module = _STATE.get("module")  # lock-free once loaded
+    if module is not None:
+        return module
     with _LOCK:
         if "module" not in _STATE and "error" not in _STATE:
             try:
@@ -118,6 +121,11 @@ def load():
         if "error" in _STATE:
             raise _STATE["error"]
         return _STATE["module"]
+
+
+def known_unavailable() -> bool:
+    """True when an earlier attempt to build or load failed; never builds (safe inside torch.compile traces)."""
+    return "error" in _STATE
 
 
 def available() -> bool:

@@ -2,8 +2,9 @@
 
 Forward: A = (x - x_c) * z_in (one row pass), y = A W^T (ATen GEMM), y = y * z_out + y_c in place (one row
 pass); A is a temporary, so only x (and x_c) is saved, as on the Triton path.
-Backward: P = (dy * z_out) W, then one pass writes dx = P * z_in over P itself and sums P * (x - x_c) per
-input feature; the output gates' sums recompute Q = A W^T and sum dy * Q per output feature.
+Backward (in float32 for 16-bit inputs, :func:`native_rows.widen`): P = (dy * z_out) W, then one pass writes
+dx = P * z_in over P itself and sums P * (x - x_c) per input feature; the output gates' sums recompute
+Q = A W^T and sum dy * Q per output feature.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def forward(x, weight, bias, x_ablate, y_ablate, las, spec) -> torch.Tensor:
 
 def backward(dy, x, weight, x_ablate, las, spec, need_dx: bool, need_las) -> list:
     """[dx if ``need_dx``] + [d log_alpha of each level whose ``need_las`` flag is set]."""
+    out_dtype = x.dtype
+    dy, x, weight, x_ablate = rows.widen(dy, x, weight, x_ablate)
     K, N = spec.n_in, spec.n_out
     in_levels, out_levels = spec.levels(las)
     n_lvl_in = len(in_levels)
@@ -73,13 +76,10 @@ def backward(dy, x, weight, x_ablate, las, spec, need_dx: bool, need_las) -> lis
 
     if need_dx or any(need_in):
         # P = (dy * z_out) W; dx = P * z_in written over P; per-feature sums of P * (x - x_c)
-        g = dy.reshape(M, N) if z_out is None else rows.gated_rows(rows.tensor(dy), rows.NONE, z_out, M, N, dy)
-        p = empty((M, K), dtype=x.dtype, device=x.device)
-        torch.mm(g, _w_nk(weight, spec), out=p)
-        del g
+        p = rows.gated_matmul(dy, z_out, _w_nk(weight, spec), M, N)
         sums = rows.backward_rows(rows.tensor(p), z_in, rows.tensor(x, spec.feature_dims), _ablation(x_ablate, spec),
                                   M, K, out1=p if need_dx else None, colsum=any(need_in))
-        dx = p.view(x.shape) if need_dx else None
+        dx = p.view(x.shape).to(out_dtype) if need_dx else None
         if any(need_in):
             grads_in = rows.level_grads(sums, in_levels, need_in, **kw)
 

@@ -65,10 +65,17 @@ def rows(t, n):
     return None if t is None else t.reshape(-1, n)
 
 
-def hidden_eager(pre, lin, spec: Spec):
-    """The hidden units act(pre) * lin (or act(pre)) computed eagerly (the cached corrupted h_c)."""
-    h = ACTIVATIONS[spec.activation](pre.float())
-    return (h if lin is None else h * lin.float()).to(pre.dtype)
+def corrupted_hidden(x_corrupt, up_w, gate_w, up_b, gate_b, spec: Spec):
+    """The forward's interchange ablation from the corrupted MLP input: ((pre_c, lin_c), None) to rebuild
+    h_c inside the kernels, or (None, h_c) computed once when ``cache_corrupt_hidden``; (None, None) without
+    ``x_corrupt``."""
+    if x_corrupt is None:
+        return None, None
+    pre_c, lin_c = pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
+    if not spec.cache_corrupt_hidden:
+        return (pre_c, lin_c), None
+    h = ACTIVATIONS[spec.activation](pre_c.float())
+    return None, (h if lin_c is None else h * lin_c.float()).to(pre_c.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Forward: pre (and lin) by ATen GEMMs and saved; one row pass builds A = (act(pre) * lin - h_c) * z_in, the
 down projection is an ATen GEMM, and one more pass applies z_out and adds y_c. A is a temporary: the saved
 tensors are those of the Triton path.
-Backward: P = (dy * z_out) W_down; one pass rebuilds h from pre and lin and writes d pre over P and d lin,
+Backward (in float32 for 16-bit inputs, :func:`native_rows.widen`): P = (dy * z_out) W_down; one pass rebuilds h from pre and lin and writes d pre over P and d lin,
 and sums P * (h - h_c) per hidden unit; dx = d pre W_pre + d lin W_up. The output gates' sums recompute
 Q = A W_down^T and sum dy * Q per output feature.
 """
@@ -13,7 +13,7 @@ import torch
 
 from ...utils.alloc import empty
 from .. import native_rows as rows
-from .function import hidden_eager, pre_lin, project
+from .function import corrupted_hidden, pre_lin, project
 from .reference import ACT_IDS
 
 
@@ -48,11 +48,7 @@ def forward(x, up_w, down_w, gate_w, up_b, gate_b, down_b, hidden_ablate, x_corr
     pre, lin = pre_lin(x, up_w, gate_w, up_b, gate_b, spec)
     z_in, z_out = rows.feature_gates(in_levels, Fh, pre, **kw), rows.feature_gates(out_levels, D, pre, **kw)
 
-    h_cached = pre_lin_c = None
-    if x_corrupt is not None:
-        pre_lin_c = pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
-        if spec.cache_corrupt_hidden:
-            h_cached, pre_lin_c = hidden_eager(*pre_lin_c, spec), None
+    pre_lin_c, h_cached = corrupted_hidden(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
     ablation = _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, spec, M)
     if x_corrupt is not None:  # y_c = h_c W_down^T + b_down, per token
         h_c = h_cached.reshape(M, Fh) if h_cached is not None else rows.gated_rows(ablation, rows.NONE, None, M, Fh,
@@ -77,6 +73,9 @@ def backward(dy, pre, lin, up_w, down_w, gate_w, up_b, gate_b, hidden_ablate, x_
              need_dx: bool, need_las) -> list:
     """[dx if ``need_dx``] + [d log_alpha of each level whose ``need_las`` flag is set], h rebuilt from pre
     and lin."""
+    out_dtype = pre.dtype
+    dy, pre, lin, up_w, down_w, gate_w, up_b, gate_b, hidden_ablate, x_corrupt, h_cached = rows.widen(
+        dy, pre, lin, up_w, down_w, gate_w, up_b, gate_b, hidden_ablate, x_corrupt, h_cached)
     D, Fh = spec.d_model, spec.d_ff
     in_levels, out_levels = spec.levels(las)
     n_lvl_in = len(in_levels)
@@ -94,10 +93,7 @@ def backward(dy, pre, lin, up_w, down_w, gate_w, up_b, gate_b, hidden_ablate, x_
     dx, grads_in, grads_out = None, [None] * n_lvl_in, [None] * len(out_levels)
     if need_dx or any(need_in):
         # P = (dy * z_out) W_down; dh = P * z_in -> d pre (over P), d lin; per-unit sums of P * (h - h_c)
-        g = dy.reshape(M, D) if z_out is None else rows.gated_rows(rows.tensor(dy), rows.NONE, z_out, M, D, dy)
-        p = empty((M, Fh), dtype=pre.dtype, device=pre.device)
-        torch.mm(g, _oi(down_w, spec), out=p)
-        del g
+        p = rows.gated_matmul(dy, z_out, _oi(down_w, spec), M, D)
         d_lin = empty((M, Fh), dtype=pre.dtype, device=pre.device) if need_dx and lin is not None else None
         sums = rows.backward_rows(rows.tensor(p), z_in, h, ablation, M, Fh, out_kind=1 if need_dx else 0,
                                   out1=p if need_dx else None, out2=d_lin, colsum=any(need_in))
@@ -108,6 +104,7 @@ def backward(dy, pre, lin, up_w, down_w, gate_w, up_b, gate_b, hidden_ablate, x_
             torch.mm(p, _oi(up_w if gate_w is None else gate_w, spec), out=dx.view(M, D))
             if d_lin is not None:
                 dx.view(M, D).addmm_(d_lin, _oi(up_w, spec))
+            dx = dx.to(out_dtype)
 
     if any(need_out):
         # recompute Q = ((h - h_c) * z_in) W_down^T; per-feature sums of dy * Q

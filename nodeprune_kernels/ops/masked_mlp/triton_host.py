@@ -13,7 +13,7 @@ import torch
 from ...utils.alloc import empty
 from ..gated_gemm import (gated_matmul, hidden_operand, level_grads, tensor_operand, vector_operand,
                           weight_operand)
-from .function import hidden_eager, pre_lin, project, rows
+from .function import corrupted_hidden, pre_lin, project, rows
 from .reference import ACT_IDS
 
 
@@ -39,11 +39,7 @@ def forward(x, up_w, down_w, gate_w, up_b, gate_b, down_b, hidden_ablate, x_corr
     M = x.shape[:-1].numel()
     down_kn = weight_operand(down_w, spec.out_in, "KN")
 
-    h_cached = pre_lin_c = None
-    if x_corrupt is not None:
-        pre_lin_c = pre_lin(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
-        if spec.cache_corrupt_hidden:
-            h_cached, pre_lin_c = hidden_eager(*pre_lin_c, spec), None
+    pre_lin_c, h_cached = corrupted_hidden(x_corrupt, up_w, gate_w, up_b, gate_b, spec)
     ac = _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, M, Fh)
     if x_corrupt is not None:
         # y_c = h_c W_down^T + b_down, with h_c built in the prologue (or read from the cache)
