@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     _common(p)
     p = sub.add_parser("show", help="print a finished run's circuit and metrics, redraw its plots")
     p.add_argument("run_dir")
-    p = sub.add_parser("demo", help="prune the shipped induction model and check its circuit (~2 min on CPU)")
+    p = sub.add_parser("demo", help="prune the shipped induction model and check its circuit (~1 min on CPU)")
     p.add_argument("--out", default=None, help="also write the run here")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p = sub.add_parser("selfcheck", help="run every op against its reference and report the GPU builds")
