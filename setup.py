@@ -29,7 +29,7 @@ def native_extensions():
     spec.loader.exec_module(native)
     csrc = os.path.join("nodeprune_kernels", "csrc")
     ext = CppExtension("nodeprune_kernels._native", [os.path.join(csrc, s) for s in native.SOURCES],
-                       include_dirs=[os.path.abspath(csrc)], extra_compile_args=native.compile_args(),
+                       depends=[os.path.join(csrc, h) for h in native.HEADERS], include_dirs=[os.path.abspath(csrc)], extra_compile_args=native.compile_args(),
                        extra_link_args=native.link_args())
     return [ext], {"build_ext": BuildExtension}
 

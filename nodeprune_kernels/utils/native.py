@@ -25,7 +25,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("gates.cpp", "masked_rows.cpp", "module.cpp")
-HEADERS = ("native.h", "philox.h")
+HEADERS = ("native.h", "philox.h")  # a changed header rebuilds the ahead-of-time build too (setup.py)
 NAME = "nodeprune_native"
 
 
