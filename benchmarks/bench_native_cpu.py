@@ -44,9 +44,7 @@ import contextlib
 import copy
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -54,33 +52,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_csv  # noqa: E402
+from common import cpu_name, git_commit, storage_key, write_csv  # noqa: E402
 
 ALL = ("layer", "attn", "head", "attn_neuron", "mlp", "mlp_neuron", "mlp_out")
 COARSE = ("layer", "attn", "head", "mlp")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../nodeprune_kernels"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def env_row() -> dict:
@@ -117,10 +92,6 @@ def scramble(masks, seed=0):
         for name in sorted(masks.log_alpha):
             la = masks.log_alpha[name]
             la.copy_(torch.randn(la.shape, generator=g) * 0.5 + 0.5)
-
-
-def storage_key(t: torch.Tensor):
-    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
 class Case:

@@ -5,18 +5,57 @@ import csv
 import datetime
 import os
 import platform
+import subprocess
 
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def env_row() -> dict:
-    """device name, torch and triton versions, date: the first columns of every result row."""
-    import triton
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+
+def git_commit() -> str:
+    """The library's commit, with ``-dirty`` when nodeprune_kernels/ has uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../nodeprune_kernels"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def storage_key(t: torch.Tensor):
+    """What identifies a tensor's memory: two views of one storage have the same key."""
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def env_row() -> dict:
+    """device name, versions, commit and date: the first columns of every result row."""
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name() if cuda else cpu_name(),
+            "device_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else "",
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__, "commit": git_commit(),
             "date": datetime.date.today().isoformat()}
 
 

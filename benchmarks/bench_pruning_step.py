@@ -1,0 +1,539 @@
+"""One pruning step, four ways: the unmasked floor, eager node pruning, fused node pruning, edge pruning.
+
+    python benchmarks/bench_pruning_step.py                # the sweep on this machine's device -> results/
+    python benchmarks/bench_pruning_step.py --quick        # tiny GPT-2 and Llama, seconds: a smoke run
+    python benchmarks/bench_pruning_step.py --saved-only   # exact saved bytes per token of the three shapes
+    python benchmarks/bench_pruning_step.py --fit          # GPU: the largest batch that fits, per mode
+    python benchmarks/plot_pruning_step.py                 # plots from the CSVs
+
+One step is what a pruning run does per batch: the forward pass of the clean batch, the loss, the backward to
+the trainable gates. Weights are frozen (requires_grad False), random (seed 0), built from configs: GPT-2 small
+(12 layers, d 768, 12 heads, vocab 50257), the Llama-3.2-1B shape (16 layers, d 2048, 32 query / 8 key-value
+heads of 64, SwiGLU d_ff 8192, vocab 128256, tied) and the Llama-3-8B shape (32 layers, d 4096, 32/8 heads of
+128, d_ff 14336, vocab 128256). bfloat16 on a GPU, float32 on the CPU (``--dtype``). The loss is the pruning
+run's: KL(full || masked) of the next-token distribution at one task position per sequence (the last), against
+the full model's log-probabilities computed once per batch without grad (not timed).
+
+Modes, each on the same model and inputs:
+- floor: the unmasked frozen model, forward from input embeddings that require grad, backward to them;
+- eager: ``apply_node_pruning(..., backend="reference")``, node pruning written in plain PyTorch;
+- fused: ``apply_node_pruning(..., backend=<triton on CUDA, native on CPU>)``, the package's kernels;
+- edge: ``benchmarks/edge_pruning.py``, Edge Pruning's disentangled residual stream, backward to its edge gates.
+Ablations: zero, and interchange against a corrupted batch of other random ids (its no-grad pass runs once
+per batch, before the timing, as in a run: ``masks.interchange`` / ``EdgePruning.set_corrupted``).
+Granularities of the node modes: all seven (layer, attn, head, attn_neuron, mlp, mlp_neuron, mlp_out) or
+coarse (layer, attn, head, mlp), i.e. neurons on and off; edge pruning has one granularity, edges.
+log_alpha is drawn from N(0.5, 0.5^2) so that the sampled gates spread over (0, 1), some clamped at 0 or 1.
+
+Figures per row:
+- saved_bytes_per_token: the bytes autograd saves for backward during the forward, each storage once
+  (``SavedTensorBytes``), frozen weights and gate parameters excluded (resident anyway), divided by the
+  batch's tokens. Exact and device independent. The loss's own saved bytes are in loss_saved_bytes_per_token
+  (the same in every mode).
+- median_ms / min_ms over --repeats timed steps after --warmup untimed ones (CUDA events on a GPU; on a CPU
+  time.perf_counter, and the cases take turns, one step each per round, so that load from other processes
+  hits all alike: CPU times are for comparing rows of one file, nothing more); tokens_per_s from the median.
+- GPU only: peak_allocated_bytes during one step (torch.cuda.max_memory_allocated, everything resident
+  included) and step_peak_bytes_per_token (that peak minus what was allocated before the step, per token).
+- ratios to the floor, to eager node pruning (same ablation and granularities) and to edge pruning (same
+  ablation) of the same model, batch and sequence.
+
+--saved-only counts bytes without timing, at --saved-tokens tokens per shape. The Llama-3-8B shape does not
+fit a 24 GiB CPU machine in float32, so its rows come from truncated copies (2, 3, 4 and 5 layers, full
+width and vocabulary): every layer but the first saves the same for node pruning, and edge pruning's layer
+l saves a + b*l (its stream grows), so the bytes are a quadratic in the layer count; the fit through 2, 3 and
+4 layers must predict the 5-layer count exactly (checked), and the Llama-3.2-1B shape is counted both ways to
+show the two agree. The ``method`` column says which rows are measured on the full model.
+
+--fit (GPU): for each mode, the largest batch at --fit-seq whose step runs without running out of memory
+(doubling, then bisection), one step per trial.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_row, storage_key, write_csv  # noqa: E402
+
+ALL = ("layer", "attn", "head", "attn_neuron", "mlp", "mlp_neuron", "mlp_out")
+COARSE = ("layer", "attn", "head", "mlp")
+GRANULARITIES = {"all": ALL, "coarse": COARSE}
+
+
+# ----------------------------------------------------------------------------------------------- the models
+
+def model_config(name: str, n_layers: int | None = None):
+    """The transformers config of a benchmark shape; ``n_layers`` truncates it (same width and vocabulary)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    llama = dict(num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, bos_token_id=128000, eos_token_id=128001)
+    shapes = {
+        "gpt2-small": lambda: GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+        "llama-3.2-1b": lambda: LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                            num_hidden_layers=16, head_dim=64, tie_word_embeddings=True,
+                                            max_position_embeddings=131072, **llama),
+        "llama-3-8b": lambda: LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                          num_hidden_layers=32, head_dim=128, tie_word_embeddings=False,
+                                          max_position_embeddings=8192, **llama),
+        "tiny-gpt2": lambda: GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256,
+                                        bos_token_id=0, eos_token_id=0),
+        "tiny-llama": lambda: LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16, max_position_embeddings=256, bos_token_id=0,
+                                          eos_token_id=0),
+    }
+    if name not in shapes:
+        raise SystemExit(f"unknown model shape {name!r}; choose from {', '.join(shapes)}")
+    cfg = shapes[name]()
+    if n_layers is not None:
+        setattr(cfg, "n_layer" if cfg.model_type == "gpt2" else "num_hidden_layers", n_layers)
+    return cfg
+
+
+def n_layers_of(cfg) -> int:
+    return cfg.n_layer if cfg.model_type == "gpt2" else cfg.num_hidden_layers
+
+
+def build_model(cfg, dtype, device):
+    """Random weights (seed 0) in ``dtype`` on ``device``, eval mode, every weight frozen."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+
+def last_position_kl(logits: torch.Tensor, full_logp: torch.Tensor) -> torch.Tensor:
+    """KL(full || model) at the last position of every sequence, averaged over sequences (float32)."""
+    logp = torch.log_softmax(logits[:, -1].float(), -1)
+    return F.kl_div(logp, full_logp, log_target=True, reduction="sum") / logits.shape[0]
+
+
+def scramble(params, seed=0):
+    """log_alpha ~ N(0.5, 0.5^2): gates spread over (0, 1) as in the middle of a run."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.5 + 0.5).to(p))
+
+
+class Case:
+    """One mode on one model and batch: ``with Case(...) as case: case.step()``.
+
+    Enter patches the model (node modes) or builds the edge-pruning wrapper, and runs the corrupted pass for
+    interchange ablation; exit restores the model. ``step(saved)`` runs one pruning step.
+    """
+
+    def __init__(self, model, ids, corrupt, full_logp, mode, ablation="-", grans="-"):
+        self.model, self.ids, self.corrupt, self.full_logp = model, ids, corrupt, full_logp
+        self.mode, self.ablation, self.grans = mode, ablation, grans
+        self.backend = {"eager": "reference", "fused": "native" if ids.device.type == "cpu" else "triton"}.get(mode, "")
+        self.masks = self.edge = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        import nodeprune_kernels as npk
+
+        with contextlib.ExitStack() as stack:
+            if self.mode in ("eager", "fused"):
+                self.masks = npk.apply_node_pruning(self.model, GRANULARITIES[self.grans], ablation=self.ablation,
+                                                    backend=self.backend, seed=0)
+                stack.callback(npk.remove_node_pruning, self.model)
+                scramble(self.masks.log_alpha[k] for k in sorted(self.masks.log_alpha))
+                self.masks.train()
+                if self.ablation == "interchange":
+                    stack.enter_context(self.masks.interchange(input_ids=self.corrupt))
+            elif self.mode == "edge":
+                from edge_pruning import EdgePruning
+
+                self.edge = EdgePruning(self.model, ablation=self.ablation).train()
+                scramble(self.edge.parameters())
+                if self.ablation == "interchange":
+                    self.edge.set_corrupted(self.corrupt)
+            elif self.mode != "floor":
+                raise ValueError(f"unknown mode {self.mode!r}")
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        self.masks = self.edge = None
+        return self._stack.__exit__(*exc)
+
+    def gates(self) -> list[torch.Tensor]:
+        if self.masks is not None:
+            return list(self.masks.log_alpha.values())
+        return list(self.edge.parameters()) if self.edge is not None else []
+
+    def forward(self):
+        if self.mode == "floor":
+            emb = self.model.get_input_embeddings()(self.ids).detach().requires_grad_()
+            return self.model(inputs_embeds=emb, use_cache=False).logits, [emb]
+        if self.edge is not None:
+            return self.edge(self.ids), self.gates()
+        return self.model(input_ids=self.ids, use_cache=False).logits, self.gates()
+
+    def step(self, saved: list | None = None):
+        """One step. With ``saved`` (a list), append the SavedTensorBytes of the forward and of the loss."""
+        from nodeprune_kernels.utils.memory import SavedTensorBytes
+
+        if saved is None:
+            logits, wrt = self.forward()
+            loss = last_position_kl(logits, self.full_logp)
+        else:
+            with SavedTensorBytes() as fwd:
+                logits, wrt = self.forward()
+            with SavedTensorBytes(ignore=[logits]) as lss:
+                loss = last_position_kl(logits, self.full_logp)
+            saved += [fwd, lss]
+        del logits
+        torch.autograd.grad(loss, wrt)
+        return loss.detach()
+
+
+def cases_for(modes, ablations, granularities):
+    """(mode, ablation, granularities) of every row, floor first."""
+    out = [("floor", "-", "-")] if "floor" in modes else []
+    for ablation in ablations:
+        for mode in ("eager", "fused"):
+            if mode in modes:
+                out += [(mode, ablation, g) for g in granularities]
+        if "edge" in modes:
+            out.append(("edge", ablation, "edges"))
+    return out
+
+
+def make_batch(cfg, batch, seq, device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+    corrupt = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+    return ids, corrupt
+
+
+@torch.no_grad()
+def full_logprobs(model, ids):
+    return torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, -1].float(), -1)
+
+
+def count_saved(case, params: set, tokens: int) -> dict:
+    """The byte columns of one case, from one step (its first)."""
+    saved = []
+    loss = case.step(saved)
+    fwd, lss = saved
+    gates = {storage_key(t) for t in case.gates()}
+    act = sum(n for k, n in fwd._seen.items() if k not in params and k not in gates)
+    return {"saved_bytes": act, "saved_bytes_per_token": round(act / tokens, 2),
+            "loss_saved_bytes_per_token": round(lss.bytes / tokens, 2), "loss_step1": round(float(loss), 6)}
+
+
+class Timer:
+    """Wall time of a step: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+
+def run_point(model, cfg, model_name, batch, seq, cases, args, base) -> list[dict]:
+    """Every case at one (batch, seq): bytes, peak memory, then interleaved timed steps."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    params = {storage_key(p) for p in model.parameters()}
+    ids, corrupt = make_batch(cfg, batch, seq, device)
+    tokens = batch * seq
+    full_logp = full_logprobs(model, ids)
+    timer, rows = Timer(cuda), []
+    with contextlib.ExitStack() as stack:
+        live = []
+        for mode, ablation, grans in cases:
+            shell = shell_of(model)
+            case = stack.enter_context(Case(shell, ids, corrupt, full_logp, mode, ablation, grans))
+            row = {**base, "model": model_name, "n_layers": n_layers_of(cfg), "dtype": str(model.dtype)[6:],
+                   "mode": mode, "backend": case.backend, "ablation": ablation, "granularities": grans,
+                   "batch": batch, "seq": seq, "tokens": tokens, **count_saved(case, params, tokens)}
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                case.step()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+                row.update(peak_allocated_bytes=peak, step_peak_bytes_per_token=round((peak - before) / tokens, 1))
+            for _ in range(args.warmup):
+                case.step()
+            live.append((case, row, []))
+            print(f"  {mode:<5} {ablation:<11} {grans:<6} {row['saved_bytes_per_token']:12.1f} B/token saved"
+                  + (f", step peak {row['step_peak_bytes_per_token']:.0f} B/token" if cuda else ""), flush=True)
+        for _ in range(args.repeats):
+            for case, _, times in live:
+                times.append(timer(case.step))
+    for case, row, times in live:
+        med = statistics.median(times)
+        row.update(repeats=args.repeats, warmup=args.warmup, median_ms=round(med, 3), min_ms=round(min(times), 3),
+                   tokens_per_s=round(tokens / (med / 1e3), 1))
+        rows.append(row)
+    return rows
+
+
+def shell_of(model):
+    """A copy of the model's modules sharing its weights and buffers: each case patches its own shell."""
+    import copy
+
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """saved_vs_* and time_vs_* columns against the floor, eager (same ablation and granularities) and edge
+    (same ablation) rows of the same model, dtype, batch and sequence."""
+    def key(r, **kw):
+        return tuple({**r, **kw}[k] for k in ("model", "dtype", "batch", "seq", "mode", "ablation", "granularities"))
+
+    index = {key(r): r for r in rows}
+    for r in rows:
+        refs = {"floor": index.get(key(r, mode="floor", ablation="-", granularities="-")),
+                "eager": index.get(key(r, mode="eager")) if r["mode"] != "edge" else None,
+                "edge": index.get(key(r, mode="edge", granularities="edges")) if r["mode"] != "floor" else None}
+        for name, ref in refs.items():
+            for col, what in (("saved", "saved_bytes_per_token"), ("time", "median_ms")):
+                ok = ref is not None and ref is not r and ref.get(what) not in (None, "", 0) and what in r
+                r[f"{col}_vs_{name}"] = round(r[what] / ref[what], 4) if ok else ""
+    return rows
+
+
+FIRST = ["device", "model", "dtype", "mode", "backend", "ablation", "granularities", "batch", "seq", "tokens",
+         "saved_bytes_per_token", "median_ms", "tokens_per_s", "peak_allocated_bytes", "step_peak_bytes_per_token",
+         "saved_vs_floor", "saved_vs_eager", "saved_vs_edge", "time_vs_floor", "time_vs_eager", "time_vs_edge"]
+
+
+def ordered(rows):
+    return [{**{k: r.get(k, "") for k in FIRST}, **r} for r in rows]
+
+
+def sweep(args, dtype, device):
+    base = env_row()
+    modes = args.modes.split(",")
+    cases = cases_for(modes, args.ablations.split(","), args.granularities.split(","))
+    rows = []
+    for model_name in args.models.split(","):
+        cfg = model_config(model_name)
+        model = build_model(cfg, dtype, device)
+        for point in points(args, model_name):
+            batch, seq = point
+            print(f"{model_name} batch {batch} seq {seq}", flush=True)
+            rows += run_point(model, cfg, model_name, batch, seq, cases, args, base)
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return ordered(add_ratios(rows))
+
+
+DEFAULT_POINTS = {  # (batch, seq): the edge-pruning papers' 32 x 64 on GPT-2 small, then batch and seq sweeps
+    "cuda": {"gpt2-small": "32x64,8x64,128x64,8x256,8x1024,32x1024",
+             "llama-3.2-1b": "32x64,8x256,8x1024,32x1024", "llama-3-8b": "8x64,8x256,8x1024,16x1024"},
+    "cpu": {"gpt2-small": "32x64,8x64,8x256"},
+}
+
+
+def points(args, model_name):
+    spec = args.points or DEFAULT_POINTS["cuda" if args.cuda else "cpu"].get(model_name, "8x64")
+    try:
+        return [tuple(int(v) for v in p.split("x")) for p in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--points takes BATCHxSEQ[,BATCHxSEQ...], e.g. 32x64,8x256; got {spec!r}")
+
+
+# ------------------------------------------------------------------------------------- exact saved bytes only
+
+def saved_only(args, dtype, device):
+    """Saved bytes per token of every case, full models where they fit, extrapolated where not."""
+    base = env_row()
+    seq, rows = args.saved_tokens, []
+    cases = cases_for(args.modes.split(","), args.ablations.split(","), args.granularities.split(","))
+    for model_name in args.models.split(","):
+        cfg = model_config(model_name)
+        L = n_layers_of(cfg)
+        methods = []
+        if model_name != "llama-3-8b" or args.full:
+            methods.append("measured")
+        if model_name.startswith("llama") and L > 5:
+            methods.append("extrapolated")
+        for method in methods:
+            counts = count_models(model_name, (L,) if method == "measured" else (2, 3, 4, 5), cases, seq, dtype,
+                                  device)
+            for case in cases:
+                c = counts[case]
+                if method == "measured":
+                    total = c[L]["saved_bytes"]
+                else:
+                    d1, d2 = c[3]["saved_bytes"] - c[2]["saved_bytes"], (c[4]["saved_bytes"] - 2 * c[3]["saved_bytes"]
+                                                                         + c[2]["saved_bytes"])
+                    predict = lambda n: c[2]["saved_bytes"] + (n - 2) * d1 + (n - 2) * (n - 3) // 2 * d2  # noqa: E731
+                    if predict(5) != c[5]["saved_bytes"]:
+                        raise SystemExit(f"{model_name} {case}: the saved bytes are not quadratic in the layer "
+                                         f"count ({[c[n]['saved_bytes'] for n in (2, 3, 4, 5)]}); count the full "
+                                         f"model (--full)")
+                    total = predict(L)
+                any_count = next(iter(c.values()))
+                mode, ablation, grans = case
+                rows.append({**base, "model": model_name, "n_layers": L, "dtype": str(dtype)[6:], "mode": mode,
+                             "backend": {"eager": "reference", "fused": "native" if device == "cpu" else "triton"}
+                             .get(mode, ""), "ablation": ablation, "granularities": grans, "batch": 1, "seq": seq,
+                             "tokens": seq, "saved_bytes_per_token": round(total / seq, 2),
+                             "loss_saved_bytes_per_token": any_count["loss_saved_bytes_per_token"],
+                             "method": method + ("" if method == "measured" else " (2-5 layers)")})
+                print(f"{model_name:<13} {method:<12} {mode:<5} {ablation:<11} {grans:<6} "
+                      f"{total / seq:14.1f} B/token", flush=True)
+    return ordered(add_ratios(rows))
+
+
+def count_models(model_name, layer_counts, cases, seq, dtype, device) -> dict:
+    """{case: {n_layers: count_saved row}} at batch 1 x ``seq``."""
+    out = {case: {} for case in cases}
+    for n in layer_counts:
+        cfg = model_config(model_name, n)
+        model = build_model(cfg, dtype, device)
+        params = {storage_key(p) for p in model.parameters()}
+        ids, corrupt = make_batch(cfg, 1, seq, device)
+        full_logp = full_logprobs(model, ids)
+        for case in cases:
+            with Case(model, ids, corrupt, full_logp, *case) as c:
+                out[case][n] = count_saved(c, params, seq)
+        del model
+        gc.collect()
+    return out
+
+
+# -------------------------------------------------------------------------------------- largest batch that fits
+
+def largest_fitting(fits, cap: int) -> int:
+    """The largest n in [1, cap] with ``fits(n)``, assuming fits is monotone (0 if fits(1) is False):
+    doubling from 1, then bisection between the last n that fitted and the first that did not."""
+    lo, hi = 0, 1
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def fit(args, dtype, device):
+    if device != "cuda":
+        raise SystemExit("--fit measures the GPU's memory: it needs a CUDA GPU")
+    base, rows = env_row(), []
+    cases = cases_for(args.modes.split(","), args.ablations.split(","), args.granularities.split(","))
+    for model_name in args.models.split(","):
+        cfg = model_config(model_name)
+        model = build_model(cfg, dtype, device)
+        seq = args.fit_seq
+
+        for case_spec in cases:
+            def fits(batch):
+                try:
+                    ids, corrupt = make_batch(cfg, batch, seq, device)
+                    full_logp = full_logprobs(model, ids)
+                    with Case(model, ids, corrupt, full_logp, *case_spec) as case:
+                        case.step()
+                    torch.cuda.synchronize()
+                    ok = True
+                except torch.cuda.OutOfMemoryError:
+                    ok = False
+                gc.collect()
+                torch.cuda.empty_cache()
+                print(f"  {model_name} {' '.join(case_spec)} batch {batch} x {seq}: {'fits' if ok else 'OOM'}",
+                      flush=True)
+                return ok
+
+            batch = largest_fitting(fits, args.fit_cap)
+            mode, ablation, grans = case_spec
+            rows.append({**base, "model": model_name, "dtype": str(dtype)[6:], "mode": mode, "ablation": ablation,
+                         "granularities": grans, "seq": seq, "max_batch": batch, "max_tokens": batch * seq,
+                         "fit_cap_batch": args.fit_cap})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--models", default=None, help="comma list of gpt2-small, llama-3.2-1b, llama-3-8b, tiny-gpt2, "
+                                                   "tiny-llama (default: all three real shapes on a GPU, "
+                                                   "gpt2-small on a CPU)")
+    ap.add_argument("--points", default=None, help="BATCHxSEQ,... for every model (default: per model and device)")
+    ap.add_argument("--modes", default="floor,eager,fused,edge")
+    ap.add_argument("--ablations", default="zero,interchange")
+    ap.add_argument("--granularities", default="all,coarse", help="node modes: all (neurons on), coarse (off)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="default bfloat16 on a GPU, float32 on a CPU")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 20 GPU, 3 CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 3 GPU, 1 CPU)")
+    ap.add_argument("--quick", action="store_true", help="tiny GPT-2 and Llama, 2 x 32 tokens: a smoke run")
+    ap.add_argument("--saved-only", action="store_true", help="exact saved bytes only (no timing), any device")
+    ap.add_argument("--saved-tokens", type=int, default=64, help="--saved-only: sequence length (batch 1)")
+    ap.add_argument("--full", action="store_true", help="--saved-only: count the 8B shape on the full model too")
+    ap.add_argument("--fit", action="store_true", help="GPU: the largest batch at --fit-seq per mode")
+    ap.add_argument("--fit-seq", type=int, default=1024)
+    ap.add_argument("--fit-cap", type=int, default=4096, help="--fit: the largest batch tried")
+    ap.add_argument("--out", default=None, help="CSV path (default: results/<kind>_<device>.csv; --quick writes "
+                                                "nothing unless --out is given)")
+    args = ap.parse_args(argv)
+    args.cuda = torch.cuda.is_available()
+    device = "cuda" if args.cuda else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.cuda else "float32"))
+    if args.quick:
+        args.models = args.models or "tiny-gpt2,tiny-llama"
+        args.points = args.points or "2x32"
+        args.saved_tokens = min(args.saved_tokens, 32)
+    args.models = args.models or ("gpt2-small,llama-3.2-1b,llama-3-8b" if args.cuda or args.saved_only
+                                  else "gpt2-small")
+    args.repeats = args.repeats or (20 if args.cuda else (2 if args.quick else 3))
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.cuda else 1)
+    t0 = time.perf_counter()
+    if args.saved_only:
+        kind, rows = f"saved_bytes_{str(dtype)[6:]}", saved_only(args, dtype, device)
+    elif args.fit:
+        kind, rows = "max_fit", fit(args, dtype, device)
+    else:
+        kind, rows = "pruning_step", sweep(args, dtype, device)
+    if not args.quick or args.out:
+        slug = "cpu" if not args.cuda else torch.cuda.get_device_name().split()[-1].lower()
+        print("wrote", write_csv(rows, f"{kind}_{slug}.csv", args.out))
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
