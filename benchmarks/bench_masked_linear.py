@@ -57,7 +57,6 @@ def saved_bytes_per_token(M, K, N, dtype, device):
 
 def main():
     args, dtype, device = parse_args(__doc__.splitlines()[0], "timings")
-    cuda = device == "cuda"
     base = env_row()
     rows = []
     if args.saved_only:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import statistics
@@ -446,6 +447,25 @@ def largest_fitting(fits, cap: int) -> int:
     return lo
 
 
+def step_fits(model, cfg, case_spec, batch, seq) -> bool:
+    """Whether one step of ``case_spec`` at batch x seq runs without running out of GPU memory."""
+    device = next(model.parameters()).device
+    try:
+        ids, corrupt = make_batch(cfg, batch, seq, device)
+        full_logp = full_logprobs(model, ids)
+        with Case(model, ids, corrupt, full_logp, *case_spec) as case:
+            case.step()
+        torch.cuda.synchronize()
+        ok = True
+    except torch.cuda.OutOfMemoryError:
+        ok = False
+    ids = corrupt = full_logp = case = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"  {' '.join(case_spec)} batch {batch} x {seq}: {'fits' if ok else 'out of memory'}", flush=True)
+    return ok
+
+
 def fit(args, dtype, device):
     if device != "cuda":
         raise SystemExit("--fit measures the GPU's memory: it needs a CUDA GPU")
@@ -457,22 +477,7 @@ def fit(args, dtype, device):
         seq = args.fit_seq
 
         for case_spec in cases:
-            def fits(batch):
-                try:
-                    ids, corrupt = make_batch(cfg, batch, seq, device)
-                    full_logp = full_logprobs(model, ids)
-                    with Case(model, ids, corrupt, full_logp, *case_spec) as case:
-                        case.step()
-                    torch.cuda.synchronize()
-                    ok = True
-                except torch.cuda.OutOfMemoryError:
-                    ok = False
-                gc.collect()
-                torch.cuda.empty_cache()
-                print(f"  {model_name} {' '.join(case_spec)} batch {batch} x {seq}: {'fits' if ok else 'OOM'}",
-                      flush=True)
-                return ok
-
+            fits = functools.partial(step_fits, model, cfg, case_spec, seq=seq)
             batch = largest_fitting(fits, args.fit_cap)
             mode, ablation, grans = case_spec
             rows.append({**base, "model": model_name, "dtype": str(dtype)[6:], "mode": mode, "ablation": ablation,
