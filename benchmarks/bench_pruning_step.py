@@ -394,14 +394,8 @@ def saved_only(args, dtype, device):
                 if method == "measured":
                     total = c[L]["saved_bytes"]
                 else:
-                    d1, d2 = c[3]["saved_bytes"] - c[2]["saved_bytes"], (c[4]["saved_bytes"] - 2 * c[3]["saved_bytes"]
-                                                                         + c[2]["saved_bytes"])
-                    predict = lambda n: c[2]["saved_bytes"] + (n - 2) * d1 + (n - 2) * (n - 3) // 2 * d2  # noqa: E731
-                    if predict(5) != c[5]["saved_bytes"]:
-                        raise SystemExit(f"{model_name} {case}: the saved bytes are not quadratic in the layer "
-                                         f"count ({[c[n]['saved_bytes'] for n in (2, 3, 4, 5)]}); count the full "
-                                         f"model (--full)")
-                    total = predict(L)
+                    total = extrapolate({n: c[n]["saved_bytes"] for n in (2, 3, 4, 5)}, L,
+                                        f"{model_name} {' '.join(case)}")
                 any_count = next(iter(c.values()))
                 mode, ablation, grans = case
                 rows.append({**base, "model": model_name, "n_layers": L, "dtype": str(dtype)[6:], "mode": mode,
@@ -413,6 +407,21 @@ def saved_only(args, dtype, device):
                 print(f"{model_name:<13} {method:<12} {mode:<5} {ablation:<11} {grans:<6} "
                       f"{total / seq:14.1f} B/token", flush=True)
     return ordered(add_ratios(rows))
+
+
+def extrapolate(counts: dict[int, int], n_layers: int, what: str = "") -> int:
+    """The count at ``n_layers`` from the counts at 2, 3, 4 and 5 layers: the quadratic through 2, 3 and 4
+    layers, which must give the 5-layer count exactly (else SystemExit: the model must be counted whole)."""
+    c2, c3, c4 = counts[2], counts[3], counts[4]
+    d1, d2 = c3 - c2, c4 - 2 * c3 + c2
+
+    def predict(n):
+        return c2 + (n - 2) * d1 + (n - 2) * (n - 3) // 2 * d2
+
+    if predict(5) != counts[5]:
+        raise SystemExit(f"{what}: the saved bytes are not quadratic in the layer count "
+                         f"({[counts[n] for n in (2, 3, 4, 5)]}); count the full model (--full)")
+    return predict(n_layers)
 
 
 def count_models(model_name, layer_counts, cases, seq, dtype, device) -> dict:
