@@ -263,44 +263,79 @@ class Timer:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 def run_point(model, cfg, model_name, batch, seq, cases, args, base) -> list[dict]:
-    """Every case at one (batch, seq): bytes, peak memory, then interleaved timed steps."""
+    """Every case at one (batch, seq): saved bytes, GPU peak memory, timed steps.
+
+    On a GPU (or with --sequential) the cases run one after the other, each alone in memory (its peak is its own), and a case that
+    runs out of memory gets a row saying so. On the CPU every case is set up first, on its own shell of the
+    model, and the timed steps take turns (one step of every case per round): load from other processes then
+    slows every case alike. Edge pruning above --edge-max-tokens is skipped (CPU default 1024 tokens: it
+    saves about 8 MB per token on GPT-2 small in float32).
+    """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     params = {storage_key(p) for p in model.parameters()}
     ids, corrupt = make_batch(cfg, batch, seq, device)
     tokens = batch * seq
     full_logp = full_logprobs(model, ids)
-    timer, rows = Timer(cuda), []
-    with contextlib.ExitStack() as stack:
-        live = []
-        for mode, ablation, grans in cases:
-            shell = shell_of(model)
-            case = stack.enter_context(Case(shell, ids, corrupt, full_logp, mode, ablation, grans))
-            row = {**base, "model": model_name, "n_layers": n_layers_of(cfg), "dtype": str(model.dtype)[6:],
-                   "mode": mode, "backend": case.backend, "ablation": ablation, "granularities": grans,
-                   "batch": batch, "seq": seq, "tokens": tokens, **count_saved(case, params, tokens)}
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                case.step()
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
-                row.update(peak_allocated_bytes=peak, step_peak_bytes_per_token=round((peak - before) / tokens, 1))
-            for _ in range(args.warmup):
-                case.step()
-            live.append((case, row, []))
-            print(f"  {mode:<5} {ablation:<11} {grans:<6} {row['saved_bytes_per_token']:12.1f} B/token saved"
-                  + (f", step peak {row['step_peak_bytes_per_token']:.0f} B/token" if cuda else ""), flush=True)
-        for _ in range(args.repeats):
-            for case, _, times in live:
-                times.append(timer(case.step))
-    for case, row, times in live:
+    timer = Timer(cuda)
+    common = {**base, "model": model_name, "n_layers": n_layers_of(cfg), "dtype": str(model.dtype)[6:],
+              "batch": batch, "seq": seq, "tokens": tokens}
+
+    def measure(case):
+        row = {**common, "mode": case.mode, "backend": case.backend, "ablation": case.ablation,
+               "granularities": case.grans, **count_saved(case, params, tokens)}
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            case.step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            row.update(peak_allocated_bytes=peak, step_peak_bytes_per_token=round((peak - before) / tokens, 1))
+        for _ in range(args.warmup):
+            case.step()
+        print(f"  {case.mode:<5} {case.ablation:<11} {case.grans:<6} {row['saved_bytes_per_token']:12.1f} B/token "
+              "saved" + (f", step peak {row['step_peak_bytes_per_token']:.0f} B/token" if cuda else ""), flush=True)
+        return row
+
+    def finish(row, times):
         med = statistics.median(times)
         row.update(repeats=args.repeats, warmup=args.warmup, median_ms=round(med, 3), min_ms=round(min(times), 3),
                    tokens_per_s=round(tokens / (med / 1e3), 1))
-        rows.append(row)
-    return rows
+        return row
+
+    limit = args.edge_max_tokens if args.edge_max_tokens is not None else (None if cuda else 1024)
+    todo = []
+    for spec in cases:
+        if spec[0] == "edge" and limit is not None and tokens > limit:
+            print(f"  edge  {spec[1]:<11} skipped: {tokens} tokens > --edge-max-tokens {limit}", flush=True)
+        else:
+            todo.append(spec)
+    rows = []
+    if cuda or args.sequential:
+        for spec in todo:
+            try:
+                with Case(model, ids, corrupt, full_logp, *spec) as case:
+                    row = measure(case)
+                    rows.append(finish(row, [timer(case.step) for _ in range(args.repeats)]))
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {' '.join(spec)}: out of memory at {batch} x {seq}", flush=True)
+                rows.append({**common, "mode": spec[0], "ablation": spec[1], "granularities": spec[2],
+                             "out_of_memory": True})
+            case = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        return rows
+    with contextlib.ExitStack() as stack:
+        live = []
+        for spec in todo:
+            case = stack.enter_context(Case(shell_of(model), ids, corrupt, full_logp, *spec))
+            live.append((case, measure(case), []))
+        for _ in range(args.repeats):
+            for case, _, times in live:
+                times.append(timer(case.step))
+    return [finish(row, times) for _, row, times in live]
 
 
 def shell_of(model):
@@ -515,6 +550,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 20 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 3 GPU, 1 CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny GPT-2 and Llama, 2 x 32 tokens: a smoke run")
+    ap.add_argument("--sequential", action="store_true", help="one case after the other (default on a GPU) "
+                                                              "instead of interleaved timed steps")
+    ap.add_argument("--edge-max-tokens", type=int, default=None,
+                    help="skip edge pruning above this many tokens per batch (default: CPU 1024, GPU no limit)")
     ap.add_argument("--saved-only", action="store_true", help="exact saved bytes only (no timing), any device")
     ap.add_argument("--saved-tokens", type=int, default=64, help="--saved-only: sequence length (batch 1)")
     ap.add_argument("--full", action="store_true", help="--saved-only: count the 8B shape on the full model too")

@@ -56,6 +56,14 @@ def test_fused_saves_less_than_eager_and_edge_pruning(quick_rows):
                 assert by[(model, "eager", abl, grans)] < by[(model, "edge", abl, "edges")]
 
 
+def test_sequential_runs_and_edge_limit_skip_only_edge_pruning():
+    """The GPU's one-case-at-a-time path, run on the CPU, and the edge-pruning token limit."""
+    rows = bps.main(["--quick", "--models", "tiny-llama", "--sequential", "--repeats", "1", "--warmup", "0",
+                     "--edge-max-tokens", "63"])
+    assert len(rows) == 9 and not any(r["mode"] == "edge" for r in rows)
+    assert all(r["median_ms"] > 0 and r["saved_bytes_per_token"] > 0 for r in rows)
+
+
 def test_case_steps_reach_every_gate_and_restore_the_model():
     cfg = bps.model_config("tiny-llama")
     model = bps.build_model(cfg, torch.float32, "cpu")
