@@ -170,7 +170,8 @@ def apply_node_pruning(model: nn.Module, granularities=GRANULARITIES, ablation: 
             (default: all).
         ablation: what a closed node's input becomes: "zero", "mean" (call ``masks.estimate_means`` first)
             or "interchange" (run inside ``with masks.interchange(**corrupted_inputs):``).
-        backend: "auto" (Triton kernels on CUDA, the PyTorch reference on CPU), "triton" or "reference".
+        backend: "auto" (Triton kernels on CUDA; on CPU the native C++ kernels, or the PyTorch reference with
+            a warning when they cannot be built), "triton", "native" or "reference".
         seed: the run's seed; gate samples are keyed by (seed, step, gate index).
         init_log_alpha: the initial log_alpha of every gate (3.0: deterministic gates all 1).
         freeze: set requires_grad=False on the model's parameters (restored by ``remove_node_pruning``);
