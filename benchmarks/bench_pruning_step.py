@@ -38,12 +38,14 @@ Figures per row:
 - ratios to the floor, to eager node pruning (same ablation and granularities) and to edge pruning (same
   ablation) of the same model, batch and sequence.
 
---saved-only counts bytes without timing, at --saved-tokens tokens per shape. The Llama-3-8B shape does not
-fit a 24 GiB CPU machine in float32, so its rows come from truncated copies (2, 3, 4 and 5 layers, full
-width and vocabulary): every layer but the first saves the same for node pruning, and edge pruning's layer
-l saves a + b*l (its stream grows), so the bytes are a quadratic in the layer count; the fit through 2, 3 and
-4 layers must predict the 5-layer count exactly (checked), and the Llama-3.2-1B shape is counted both ways to
-show the two agree. The ``method`` column says which rows are measured on the full model.
+--saved-only counts the bytes without timing, at every --saved-points batch x seq (default 1x64 and the
+papers' 32x64). Edge pruning at 32 x 64 would need 17 GB of saved tensors on GPT-2 small in float32, so the
+counts are taken at batch 1 and 2 and carried to batch B as c1 + (B - 1)(c2 - c1): everything saved is per
+token or per step (gates), so this is exact. The Llama shapes are counted on truncated copies (2, 3, 4 and 5
+layers, full width and vocabulary): every layer but the first saves the same for node pruning, and edge
+pruning's layer l saves a + b*l (its stream grows), so the bytes are a quadratic in the layer count; the fit
+through 2, 3 and 4 layers must predict the 5-layer count exactly (checked; the tests check it against a
+7-layer count too). ``--full`` also counts the whole model. The ``method`` column says how each row was got.
 
 --fit (GPU): for each mode, the largest batch at --fit-seq whose step runs without running out of memory
 (doubling, then bisection), one step per trial.
@@ -143,7 +145,7 @@ class Case:
     def __init__(self, model, ids, corrupt, full_logp, mode, ablation="-", grans="-"):
         self.model, self.ids, self.corrupt, self.full_logp = model, ids, corrupt, full_logp
         self.mode, self.ablation, self.grans = mode, ablation, grans
-        self.backend = {"eager": "reference", "fused": "native" if ids.device.type == "cpu" else "triton"}.get(mode, "")
+        self.backend = backend_of(mode, ids.device.type)
         self.masks = self.edge = None
         self._stack = contextlib.ExitStack()
 
@@ -237,7 +239,7 @@ def count_saved(case, params: set, tokens: int) -> dict:
     fwd, lss = saved
     gates = {storage_key(t) for t in case.gates()}
     act = sum(n for k, n in fwd._seen.items() if k not in params and k not in gates)
-    return {"saved_bytes": act, "saved_bytes_per_token": round(act / tokens, 2),
+    return {"saved_bytes": act, "saved_bytes_per_token": round(act / tokens, 2), "loss_saved_bytes": lss.bytes,
             "loss_saved_bytes_per_token": round(lss.bytes / tokens, 2), "loss_step1": round(float(loss), 6)}
 
 
@@ -409,39 +411,56 @@ def points(args, model_name):
 # ------------------------------------------------------------------------------------- exact saved bytes only
 
 def saved_only(args, dtype, device):
-    """Saved bytes per token of every case, full models where they fit, extrapolated where not."""
+    """Saved bytes per token of every case at every --saved-points batch x seq, without timing.
+
+    Counted at batch 1 and 2 of each sequence length and taken to batch B as c1 + (B - 1)(c2 - c1) (what is
+    saved is per token or per step, so it is linear in the batch); GPT-2 small on the whole model, the Llama
+    shapes on 2-5 layers taken to their depth by ``extrapolate`` (``--full`` counts them whole as well).
+    """
     base = env_row()
-    seq, rows = args.saved_tokens, []
+    rows = []
+    points = [tuple(int(v) for v in p.split("x")) for p in args.saved_points.split(",")]
     cases = cases_for(args.modes.split(","), args.ablations.split(","), args.granularities.split(","))
     for model_name in args.models.split(","):
         cfg = model_config(model_name)
         L = n_layers_of(cfg)
-        methods = []
-        if model_name != "llama-3-8b" or args.full:
-            methods.append("measured")
-        if model_name.startswith("llama") and L > 5:
-            methods.append("extrapolated")
+        methods = ["extrapolated"] if L > 5 and model_name.startswith("llama") else []
+        if not methods or args.full:
+            methods.insert(0, "measured")
         for method in methods:
-            counts = count_models(model_name, (L,) if method == "measured" else (2, 3, 4, 5), cases, seq, dtype,
-                                  device)
-            for case in cases:
-                c = counts[case]
-                if method == "measured":
-                    total = c[L]["saved_bytes"]
-                else:
-                    total = extrapolate({n: c[n]["saved_bytes"] for n in (2, 3, 4, 5)}, L,
-                                        f"{model_name} {' '.join(case)}")
-                any_count = next(iter(c.values()))
-                mode, ablation, grans = case
-                rows.append({**base, "model": model_name, "n_layers": L, "dtype": str(dtype)[6:], "mode": mode,
-                             "backend": {"eager": "reference", "fused": "native" if device == "cpu" else "triton"}
-                             .get(mode, ""), "ablation": ablation, "granularities": grans, "batch": 1, "seq": seq,
-                             "tokens": seq, "saved_bytes_per_token": round(total / seq, 2),
-                             "loss_saved_bytes_per_token": any_count["loss_saved_bytes_per_token"],
-                             "method": method + ("" if method == "measured" else " (2-5 layers)")})
-                print(f"{model_name:<13} {method:<12} {mode:<5} {ablation:<11} {grans:<6} "
-                      f"{total / seq:14.1f} B/token", flush=True)
+            depths = (L,) if method == "measured" else (2, 3, 4, 5)
+            for seq in sorted({s for _, s in points}):
+                counts = count_models(model_name, depths, cases, seq, dtype, device)
+                for batch in [b for b, s in points if s == seq]:
+                    for case in cases:
+                        c = {n: at_batch(counts[case][n], batch) for n in depths}
+                        if method == "measured":
+                            total = c[L]
+                        else:
+                            total = extrapolate(c, L, f"{model_name} {' '.join(case)}")
+                        loss = at_batch(counts[case][depths[0]], batch, "loss_saved_bytes")
+                        mode, ablation, grans = case
+                        tokens = batch * seq
+                        rows.append({**base, "model": model_name, "n_layers": L, "dtype": str(dtype)[6:],
+                                     "mode": mode, "backend": backend_of(mode, device), "ablation": ablation,
+                                     "granularities": grans, "batch": batch, "seq": seq, "tokens": tokens,
+                                     "saved_bytes_per_token": round(total / tokens, 2),
+                                     "loss_saved_bytes_per_token": round(loss / tokens, 2),
+                                     "method": method + ("" if method == "measured" else " (2-5 layers)")
+                                     + ("" if batch in (1, 2) else " (batch 1, 2)")})
+                        print(f"{model_name:<13} {method:<12} {batch:>3}x{seq:<5} {mode:<5} {ablation:<11} "
+                              f"{grans:<6} {total / tokens:14.1f} B/token", flush=True)
     return ordered(add_ratios(rows))
+
+
+def at_batch(counts: dict, batch: int, key: str = "saved_bytes") -> int:
+    """The count at ``batch`` from the counts at batch 1 and 2 (``{1: row, 2: row}``), linear in the batch."""
+    c1, c2 = counts[1][key], counts[2][key]
+    return c1 + (batch - 1) * (c2 - c1)
+
+
+def backend_of(mode, device) -> str:
+    return {"eager": "reference", "fused": "native" if str(device) == "cpu" else "triton"}.get(mode, "")
 
 
 def extrapolate(counts: dict[int, int], n_layers: int, what: str = "") -> int:
@@ -459,18 +478,19 @@ def extrapolate(counts: dict[int, int], n_layers: int, what: str = "") -> int:
     return predict(n_layers)
 
 
-def count_models(model_name, layer_counts, cases, seq, dtype, device) -> dict:
-    """{case: {n_layers: count_saved row}} at batch 1 x ``seq``."""
-    out = {case: {} for case in cases}
+def count_models(model_name, layer_counts, cases, seq, dtype, device, batches=(1, 2)) -> dict:
+    """{case: {n_layers: {batch: count_saved row}}} at batch x ``seq`` for each of ``batches``."""
+    out = {case: {n: {} for n in layer_counts} for case in cases}
     for n in layer_counts:
         cfg = model_config(model_name, n)
         model = build_model(cfg, dtype, device)
         params = {storage_key(p) for p in model.parameters()}
-        ids, corrupt = make_batch(cfg, 1, seq, device)
-        full_logp = full_logprobs(model, ids)
-        for case in cases:
-            with Case(model, ids, corrupt, full_logp, *case) as c:
-                out[case][n] = count_saved(c, params, seq)
+        for batch in batches:
+            ids, corrupt = make_batch(cfg, batch, seq, device)
+            full_logp = full_logprobs(model, ids)
+            for case in cases:
+                with Case(model, ids, corrupt, full_logp, *case) as c:
+                    out[case][n][batch] = count_saved(c, params, batch * seq)
         del model
         gc.collect()
     return out
@@ -555,7 +575,7 @@ def main(argv=None):
     ap.add_argument("--edge-max-tokens", type=int, default=None,
                     help="skip edge pruning above this many tokens per batch (default: CPU 1024, GPU no limit)")
     ap.add_argument("--saved-only", action="store_true", help="exact saved bytes only (no timing), any device")
-    ap.add_argument("--saved-tokens", type=int, default=64, help="--saved-only: sequence length (batch 1)")
+    ap.add_argument("--saved-points", default="1x64,32x64", help="--saved-only: BATCHxSEQ,... (default 1x64,32x64)")
     ap.add_argument("--full", action="store_true", help="--saved-only: count the 8B shape on the full model too")
     ap.add_argument("--fit", action="store_true", help="GPU: the largest batch at --fit-seq per mode")
     ap.add_argument("--fit-seq", type=int, default=1024)
@@ -569,7 +589,7 @@ def main(argv=None):
     if args.quick:
         args.models = args.models or "tiny-gpt2,tiny-llama"
         args.points = args.points or "2x32"
-        args.saved_tokens = min(args.saved_tokens, 32)
+        args.saved_points = "1x32,3x32" if args.saved_points == "1x64,32x64" else args.saved_points
     args.models = args.models or ("gpt2-small,llama-3.2-1b,llama-3-8b" if args.cuda or args.saved_only
                                   else "gpt2-small")
     args.repeats = args.repeats or (20 if args.cuda else (2 if args.quick else 3))

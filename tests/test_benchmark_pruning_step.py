@@ -80,15 +80,20 @@ def test_case_steps_reach_every_gate_and_restore_the_model():
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_layer_extrapolation_is_exact():
-    """The 8B shape's rows are extrapolated from 2-5 layers: on a tiny Llama the same extrapolation must equal
-    a 7-layer count for node pruning (linear) and edge pruning (quadratic)."""
-    cases = [("floor", "-", "-"), ("fused", "interchange", "all"), ("edge", "zero", "edges")]
-    counts = bps.count_models("tiny-llama", (2, 3, 4, 5, 7), cases, 16, torch.float32, "cpu")
+def test_layer_and_batch_extrapolation_is_exact():
+    """--saved-only carries counts from 2-5 layers and batches 1, 2 to the full depth and batch: on a tiny
+    Llama that must equal a 7-layer count (linear for node pruning, quadratic for edge pruning) and a
+    batch-3 count."""
+    cases = [("floor", "-", "-"), ("fused", "interchange", "all"), ("eager", "zero", "all"), ("edge", "zero", "edges")]
+    counts = bps.count_models("tiny-llama", (2, 3, 4, 5, 7), cases, 16, torch.float32, "cpu", batches=(1, 2, 3))
     for case in cases:
-        c = {n: counts[case][n]["saved_bytes"] for n in counts[case]}
+        c = {n: counts[case][n][1]["saved_bytes"] for n in counts[case]}
         assert bps.extrapolate(c, 7) == c[7], case
-    edge = {n: counts[cases[2]][n]["saved_bytes"] for n in (2, 3, 4)}
+        # and linear in the batch: batch 3 from batches 1 and 2
+        for n in (2, 7):
+            assert bps.at_batch(counts[case][n], 3) == counts[case][n][3]["saved_bytes"], (case, n)
+            assert bps.at_batch(counts[case][n], 3, "loss_saved_bytes") == counts[case][n][3]["loss_saved_bytes"]
+    edge = {n: counts[cases[3]][n][1]["saved_bytes"] for n in (2, 3, 4)}
     assert edge[4] - 2 * edge[3] + edge[2] > 0  # edge pruning's bytes do grow quadratically
     with pytest.raises(SystemExit, match="not quadratic"):
         bps.extrapolate({2: 10, 3: 20, 4: 40, 5: 100}, 7)
@@ -104,6 +109,13 @@ def test_largest_fitting_finds_the_limit_in_few_trials(limit):
 
     assert bps.largest_fitting(fits, cap=100) == limit
     assert len(tried) <= 2 * math.ceil(math.log2(101)) + 1
+
+
+def test_saved_only_rows(tmp_path):
+    rows = bps.main(["--saved-only", "--quick", "--models", "tiny-gpt2", "--out", str(tmp_path / "s.csv")])
+    assert {(r["batch"], r["seq"]) for r in rows} == {(1, 32), (3, 32)} and len(rows) == 22
+    assert all(r["method"] == "measured" + ("" if r["batch"] == 1 else " (batch 1, 2)") for r in rows)
+    assert all(r["saved_bytes_per_token"] > 0 for r in rows)
 
 
 def test_bad_points_and_models_say_what_to_do():
