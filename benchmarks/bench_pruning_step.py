@@ -570,6 +570,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 20 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 3 GPU, 1 CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny GPT-2 and Llama, 2 x 32 tokens: a smoke run")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default torch's)")
     ap.add_argument("--sequential", action="store_true", help="one case after the other (default on a GPU) "
                                                               "instead of interleaved timed steps")
     ap.add_argument("--edge-max-tokens", type=int, default=None,
@@ -584,6 +585,8 @@ def main(argv=None):
                                                 "nothing unless --out is given)")
     args = ap.parse_args(argv)
     args.cuda = torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.cuda else "float32"))
     if args.quick:
