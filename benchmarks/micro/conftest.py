@@ -31,7 +31,7 @@ is the native backend, named explicitly. Still, run the benchmarks on their own.
 from __future__ import annotations
 
 import os
-import platform
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -39,6 +39,9 @@ import pytest
 import torch
 
 from nodeprune_kernels import Gate
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 from nodeprune_kernels.utils.testing import rel_err
 
 IMPLS = ("reference", "fused", "baseline")
@@ -91,17 +94,6 @@ class Settings:
             pytest.skip(f"{what}: Llama-sized shapes run on CUDA, or on the CPU with NODEPRUNE_BENCH_LARGE=1")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
 
@@ -114,7 +106,7 @@ def read_settings() -> Settings:
     tokens = int(os.environ.get("NODEPRUNE_BENCH_TOKENS") or (8192 if cuda else 512))
     if tokens < 1:
         raise pytest.UsageError(f"NODEPRUNE_BENCH_TOKENS must be positive, got {tokens}")
-    name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else _cpu_name()
+    name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else cpu_name()
     return Settings(device=device, dtype=torch.bfloat16 if cuda else torch.float32, tokens=tokens,
                     large=cuda or _flag("NODEPRUNE_BENCH_LARGE"), device_name=name)
 
