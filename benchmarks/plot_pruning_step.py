@@ -84,7 +84,14 @@ def plot_step(path):
 
 
 def plot_saved(path):
-    rows = [r for r in read(path) if r.get("method", "measured").startswith("measured") or r["model"] == "llama-3-8b"]
+    """One panel per model: its largest batch x seq, the whole-model count where there is one."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in read(path)):
+        mr = [r for r in read(path) if r["model"] == model]
+        tokens = max(int(r["tokens"]) for r in mr)
+        mr = [r for r in mr if int(r["tokens"]) == tokens]
+        measured = [r for r in mr if r.get("method", "measured").startswith("measured")]
+        rows += measured or mr
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -96,7 +103,8 @@ def plot_saved(path):
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("bytes saved for backward / token")
-        ax.set_title(f"{model} ({mr[0]['dtype']}, {mr[0].get('method', 'measured')})", fontsize=9)
+        ax.set_title(f"{model}, {mr[0]['batch']}x{mr[0]['seq']}, {mr[0]['dtype']}\n{mr[0].get('method', 'measured')}",
+                     fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     png = path[:-4] + ".png"
