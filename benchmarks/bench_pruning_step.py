@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_row, storage_key, write_csv  # noqa: E402
+from common import env_row, write_csv  # noqa: E402
 
 ALL = ("layer", "attn", "head", "attn_neuron", "mlp", "mlp_neuron", "mlp_out")
 COARSE = ("layer", "attn", "head", "mlp")
@@ -191,14 +191,15 @@ class Case:
         return self.model(input_ids=self.ids, use_cache=False).logits, self.gates()
 
     def step(self, saved: list | None = None):
-        """One step. With ``saved`` (a list), append the SavedTensorBytes of the forward and of the loss."""
+        """One step. With ``saved`` (a list), append the SavedTensorBytes of the forward (frozen weights and
+        gate parameters not counted: they are resident anyway) and of the loss."""
         from nodeprune_kernels.utils.memory import SavedTensorBytes
 
         if saved is None:
             logits, wrt = self.forward()
             loss = last_position_kl(logits, self.full_logp)
         else:
-            with SavedTensorBytes() as fwd:
+            with SavedTensorBytes(ignore=[*self.model.parameters(), *self.gates()]) as fwd:
                 logits, wrt = self.forward()
             with SavedTensorBytes(ignore=[logits]) as lss:
                 loss = last_position_kl(logits, self.full_logp)
@@ -232,13 +233,12 @@ def full_logprobs(model, ids):
     return torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, -1].float(), -1)
 
 
-def count_saved(case, params: set, tokens: int) -> dict:
+def count_saved(case, tokens: int) -> dict:
     """The byte columns of one case, from one step (its first)."""
     saved = []
     loss = case.step(saved)
     fwd, lss = saved
-    gates = {storage_key(t) for t in case.gates()}
-    act = sum(n for k, n in fwd._seen.items() if k not in params and k not in gates)
+    act = fwd.bytes
     return {"saved_bytes": act, "saved_bytes_per_token": round(act / tokens, 2), "loss_saved_bytes": lss.bytes,
             "loss_saved_bytes_per_token": round(lss.bytes / tokens, 2), "loss_step1": round(float(loss), 6)}
 
@@ -275,7 +275,6 @@ def run_point(model, cfg, model_name, batch, seq, cases, args, base) -> list[dic
     """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    params = {storage_key(p) for p in model.parameters()}
     ids, corrupt = make_batch(cfg, batch, seq, device)
     tokens = batch * seq
     full_logp = full_logprobs(model, ids)
@@ -285,7 +284,7 @@ def run_point(model, cfg, model_name, batch, seq, cases, args, base) -> list[dic
 
     def measure(case):
         row = {**common, "mode": case.mode, "backend": case.backend, "ablation": case.ablation,
-               "granularities": case.grans, **count_saved(case, params, tokens)}
+               "granularities": case.grans, **count_saved(case, tokens)}
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -400,12 +399,19 @@ DEFAULT_POINTS = {  # (batch, seq): the edge-pruning papers' 32 x 64 on GPT-2 sm
 }
 
 
-def points(args, model_name):
-    spec = args.points or DEFAULT_POINTS["cuda" if args.cuda else "cpu"].get(model_name, "8x64")
+def parse_points(spec: str, option: str = "--points") -> list[tuple[int, int]]:
+    """"32x64,8x256" -> [(32, 64), (8, 256)]; SystemExit naming ``option`` otherwise."""
     try:
-        return [tuple(int(v) for v in p.split("x")) for p in spec.split(",")]
+        pts = [tuple(int(v) for v in p.split("x")) for p in spec.split(",")]
     except ValueError:
-        raise SystemExit(f"--points takes BATCHxSEQ[,BATCHxSEQ...], e.g. 32x64,8x256; got {spec!r}")
+        pts = []
+    if not pts or any(len(p) != 2 or min(p) < 1 for p in pts):
+        raise SystemExit(f"{option} takes BATCHxSEQ[,BATCHxSEQ...], e.g. 32x64,8x256; got {spec!r}")
+    return pts
+
+
+def points(args, model_name):
+    return parse_points(args.points or DEFAULT_POINTS["cuda" if args.cuda else "cpu"].get(model_name, "8x64"))
 
 
 # ------------------------------------------------------------------------------------- exact saved bytes only
@@ -419,7 +425,7 @@ def saved_only(args, dtype, device):
     """
     base = env_row()
     rows = []
-    points = [tuple(int(v) for v in p.split("x")) for p in args.saved_points.split(",")]
+    points = parse_points(args.saved_points, "--saved-points")
     cases = cases_for(args.modes.split(","), args.ablations.split(","), args.granularities.split(","))
     for model_name in args.models.split(","):
         cfg = model_config(model_name)
@@ -484,13 +490,12 @@ def count_models(model_name, layer_counts, cases, seq, dtype, device, batches=(1
     for n in layer_counts:
         cfg = model_config(model_name, n)
         model = build_model(cfg, dtype, device)
-        params = {storage_key(p) for p in model.parameters()}
         for batch in batches:
             ids, corrupt = make_batch(cfg, batch, seq, device)
             full_logp = full_logprobs(model, ids)
             for case in cases:
                 with Case(model, ids, corrupt, full_logp, *case) as c:
-                    out[case][n][batch] = count_saved(c, params, batch * seq)
+                    out[case][n][batch] = count_saved(c, batch * seq)
         del model
         gc.collect()
     return out

@@ -85,9 +85,9 @@ def plot_step(path):
 
 def plot_saved(path):
     """One panel per model: its largest batch x seq, the whole-model count where there is one."""
-    rows = []
-    for model in dict.fromkeys(r["model"] for r in read(path)):
-        mr = [r for r in read(path) if r["model"] == model]
+    everything, rows = read(path), []
+    for model in dict.fromkeys(r["model"] for r in everything):
+        mr = [r for r in everything if r["model"] == model]
         tokens = max(int(r["tokens"]) for r in mr)
         mr = [r for r in mr if int(r["tokens"]) == tokens]
         measured = [r for r in mr if r.get("method", "measured").startswith("measured")]
@@ -123,7 +123,7 @@ def main(paths=None):
         name = os.path.basename(p)
         if name.startswith("pruning_step"):
             written += plot_step(p)
-        elif name.startswith("saved_bytes") and "method" in (read(p)[0] if read(p) else {}):
+        elif name.startswith("saved_bytes") and "method" in (read(p) or [{}])[0]:
             written += plot_saved(p)
     for w in written:
         print("wrote", w)
