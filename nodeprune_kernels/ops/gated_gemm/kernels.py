@@ -1,31 +1,32 @@
 """Triton kernels of the gated GEMM that every masked projection runs on.
 
-One kernel serves the forward and both halves of the backward of the masked linear, the masked attention
-output projection and the masked MLP's down projection:
+The gates are sampled once per op call, before any GEMM, into float32 per-feature vectors
+(``_feature_gates_kernel``: z[f] = the product of the stack's levels). The GEMM's K loop is then a plain
+matmul (no sampling, no scaling, no ablation in it): the host folds the reduction side's gates into the
+weight (``_fold_kernel``, an O(weights) transient) and subtracts the ablation from A beforehand (a transient
+A - A_c, or the MLP's h - h_c written by ``_hidden_kernel``). Everything else is the epilogue:
 
-    acc[m, c] = sum_r ((A[m, r] - A_c[m, r]) * zR[r]) * B[r, c]
+    acc[m, c] = sum_r A[m, r] * B[r, c]                                         (B: W with zR folded in)
     out[m, c] = acc[m, c] * zC[c] + Y_c[m, c]                                  (STORE_OUT, OUT_KIND 0)
     part[pid_m, c] = sum_{m in tile} acc[m, c] * (E[m, c] - E_c[m, c])         (COLSUM)
 
-zR and zC are gate stacks (up to four levels each) sampled inside the kernel from (seed, index), so no gate
-or noise tensor is ever read or written.
-
-Operands. A, A_c, E and E_c are read through "split" strides, so a tensor such as an attention output
+Operands. A, E and E_c are read through "split" strides, so a tensor such as an attention output
 [B, H, S, D].transpose(1, 2) is read where it lies: element (m, c) sits at
 ``(m // M1) * s_m + (m % M1) * s_m1 + (c // C1) * s_c + (c % C1) * s_c1`` (M1 = C1 = 1 for a plain
-matrix, which Triton specialises away). An ablation operand (A_c, E_c, Y_c) is absent (mode 0), a vector
-over the columns (mode 1), a tensor (mode 2) or, for A_c and E_c, a hidden activation rebuilt from its
-pre-activations (mode 3).
+matrix, which Triton specialises away; A's column split is a constexpr, so the loop divides by a constant).
+An ablation operand (E_c, Y_c) is absent (mode 0), a vector over the columns (mode 1), a tensor (mode 2) or,
+for E_c, a hidden activation rebuilt from its pre-activations (mode 3).
 
-Hidden units (the MLP). With A_HIDDEN (or E_HIDDEN) the operand is not loaded but built in registers from
-the MLP's saved pre-activations: h = act(pre) * lin (GLU) or act(pre), so h never exists in global memory.
-OUT_KIND 1 turns the epilogue into the MLP's activation backward: with d = acc * zC and (pre, lin) the E
-operand's, it writes d * lin * act'(pre) (or d * act'(pre)) to ``out`` and d * act(pre) to ``out2``.
+Hidden units (the MLP). With E_HIDDEN the epilogue's E is built in registers from the MLP's saved
+pre-activations: h = act(pre) * lin (GLU) or act(pre). OUT_KIND 1 turns the epilogue into the MLP's
+activation backward: with d = acc * zC and (pre, lin) the E operand's, it writes d * lin * act'(pre) (or
+d * act'(pre)) to ``out`` and d * act(pre) to ``out2``.
 
-- linear forward:    A = x, A_c = x_c, zR = z_in, B = W^T, zC = z_out, Y_c = y_c        -> y'
-- linear dx, dz_in:  A = dy, zR = z_out, B = W, zC = z_in, E = x, E_c = x_c           -> dx, sum_t P delta
-- linear dz_out:     A = x, A_c = x_c, zR = z_in, B = W^T, E = dy                       -> sum_t dy (delta z_in W^T)
-- MLP: the same with x replaced by h (A_HIDDEN / E_HIDDEN) and dx by (d pre, d lin) (OUT_KIND 1).
+- linear forward:    A = x - x_c, B = diag(z_in) W^T, zC = z_out, Y_c = y_c             -> y'
+- linear dx, dz_in:  A = dy, B = diag(z_out) W, zC = z_in, E = x, E_c = x_c             -> dx, sum_t P delta
+- linear dz_out:     A = x - x_c, B = diag(z_in) W^T, E = dy                            -> sum_t dy (delta z_in W^T)
+- MLP: the same with x replaced by h (A from ``_hidden_kernel``, E rebuilt in the epilogue) and dx by
+  (d pre, d lin) (OUT_KIND 1).
 
 A second, small kernel turns the per-feature sums into the gradient of each level's log_alpha.
 """
@@ -125,23 +126,68 @@ def _gate_product(cols, mask, seed, la0, g0, o0, la1, g1, o1, la2, g2, o2, la3, 
 
 
 @triton.jit
+def _feature_gates_kernel(z_ptr, F, seed, a0, g0, o0, a1, g1, o1, a2, g2, o2, a3, g3, o3,
+                          N_LEVELS: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+    """z[f] = product over the stack's levels of the gate of feature f (float32): the one place a GEMM's
+    gates are sampled, once per op call, before any GEMM runs."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    z = _gate_product(cols, mask, seed, a0, g0, o0, a1, g1, o1, a2, g2, o2, a3, g3, o3, N_LEVELS, -1, TRAINING)
+    tl.store(z_ptr + cols, z, mask=mask)
+
+
+@triton.jit
+def _fold_kernel(w_ptr, z_ptr, out_ptr, ROWS, COLS, stride_wr, stride_wc, Z_ON_ROWS: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """out = W * z broadcast over W's rows (Z_ON_ROWS: z[r] scales row r) or columns, in W's dtype and
+    layout: a weight with one side's gates folded in, an O(weights) transient the GEMM reads as plain B."""
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    rm = r < ROWS
+    cm = c < COLS
+    mask = rm[:, None] & cm[None, :]
+    offs = r.to(tl.int64)[:, None] * stride_wr + c[None, :] * stride_wc
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if Z_ON_ROWS:
+        w = w * tl.load(z_ptr + r, mask=rm, other=0.0)[:, None]
+    else:
+        w = w * tl.load(z_ptr + c, mask=cm, other=0.0)[None, :]
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _hidden_kernel(pre_ptr, lin_ptr, hc_ptr, hcu_ptr, out_ptr, M, F, stride_m, stride_hcm, stride_hcf,
+                   HC_MODE: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out = h - h_c with h = act(pre) * lin (GLU) or act(pre), [M, F] rows of stride ``stride_m`` (pre, lin
+    and out alike): the MLP's hidden units, written once as a transient so the down projection is a plain
+    GEMM. h_c: absent (HC_MODE 0), a [F] vector (1), a tensor (2) or rebuilt from (hc, hcu) like h (3)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rm = rows < M
+    cm = cols < F
+    mask = rm[:, None] & cm[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_m + cols[None, :]
+    h = _hidden(pre_ptr, lin_ptr, offs, mask, ACT, GLU)
+    if HC_MODE != 0:
+        h = h - _ablation(hc_ptr, hcu_ptr, rows.to(tl.int64) * stride_hcm, cols * stride_hcf, cols, stride_hcf,
+                          mask, cm, HC_MODE, ACT, GLU)
+    tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gated_matmul_kernel(
-    a_ptr, au_ptr, ac_ptr, acu_ptr, b_ptr, out_ptr, out2_ptr, yc_ptr, e_ptr, eu_ptr, ec_ptr, ecu_ptr, part_ptr,
+    a_ptr, b_ptr, zc_ptr, out_ptr, out2_ptr, yc_ptr, e_ptr, eu_ptr, ec_ptr, ecu_ptr, part_ptr,
     M, R, C,
-    A_M1, A_R1, stride_am, stride_am1, stride_ar, stride_ar1,
-    stride_acm, stride_acm1, stride_acr, stride_acr1,
+    A_M1, stride_am, stride_am1, stride_ar, stride_ar1,
     stride_br, stride_bc,
     stride_om, stride_oc, stride_ycm, stride_ycc,
     E_M1, E_C1, stride_em, stride_em1, stride_ec, stride_ec1,
     stride_ecm, stride_ecm1, stride_ecc, stride_ecc1,
-    seed,
-    ra0, rg0, ro0, ra1, rg1, ro1, ra2, rg2, ro2, ra3, rg3, ro3,
-    ca0, cg0, co0, ca1, cg1, co1, ca2, cg2, co2, ca3, cg3, co3,
-    R_LEVELS: tl.constexpr, C_LEVELS: tl.constexpr,
-    A_HIDDEN: tl.constexpr, AC_MODE: tl.constexpr, E_HIDDEN: tl.constexpr, EC_MODE: tl.constexpr,
+    A_R1: tl.constexpr, C_GATE: tl.constexpr, E_HIDDEN: tl.constexpr, EC_MODE: tl.constexpr,
     ACT: tl.constexpr, GLU: tl.constexpr,
     STORE_OUT: tl.constexpr, OUT_KIND: tl.constexpr, YC_MODE: tl.constexpr, COLSUM: tl.constexpr,
-    TRAINING: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped tile order for L2 reuse of B
@@ -161,31 +207,20 @@ def _gated_matmul_kernel(
     c_mask = offs_c < C
     rows = offs_m.to(tl.int64)
     a_rows = _split(rows, A_M1, stride_am, stride_am1)
-    ac_rows = _split(rows, A_M1, stride_acm, stride_acm1)
 
+    # the K loop is a plain matmul: every gate and ablation of the R side is folded into A or B by the host
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
-        a_mask = m_mask[:, None] & r_mask[None, :]
-        a_offs = a_rows[:, None] + _split(offs_r, A_R1, stride_ar, stride_ar1)[None, :]
-        if A_HIDDEN:
-            a = _hidden(a_ptr, au_ptr, a_offs, a_mask, ACT, GLU)
-        else:
-            a = tl.load(a_ptr + a_offs, mask=a_mask, other=0.0)
-        if AC_MODE != 0:
-            a = a.to(tl.float32) - _ablation(ac_ptr, acu_ptr, ac_rows, _split(offs_r, A_R1, stride_acr, stride_acr1),
-                                             offs_r, stride_acr, a_mask, r_mask, AC_MODE, ACT, GLU)
-        if R_LEVELS > 0:
-            zr = _gate_product(offs_r, r_mask, seed, ra0, rg0, ro0, ra1, rg1, ro1, ra2, rg2, ro2, ra3, rg3, ro3,
-                               R_LEVELS, -1, TRAINING)
-            a = a.to(tl.float32) * zr[None, :]
+        a = tl.load(a_ptr + a_rows[:, None] + _split(offs_r, A_R1, stride_ar, stride_ar1)[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_c[None, :] * stride_bc,
                     mask=r_mask[:, None] & c_mask[None, :], other=0.0)
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
-            acc = tl.dot(a.to(b.dtype), b, acc)
+            acc = tl.dot(a, b, acc)
 
     tile_mask = m_mask[:, None] & c_mask[None, :]
     out_offs = rows[:, None] * stride_om + offs_c[None, :] * stride_oc
@@ -214,10 +249,8 @@ def _gated_matmul_kernel(
         tl.store(part_ptr + pid_m * C + offs_c, part, mask=c_mask)
     if STORE_OUT:
         out = acc
-        if C_LEVELS > 0:
-            zc = _gate_product(offs_c, c_mask, seed, ca0, cg0, co0, ca1, cg1, co1, ca2, cg2, co2, ca3, cg3, co3,
-                               C_LEVELS, -1, TRAINING)
-            out = out * zc[None, :]
+        if C_GATE:
+            out = out * tl.load(zc_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
         if OUT_KIND == 1:
             if GLU:
                 tl.store(out_ptr + out_offs, (out * lin * dact).to(out_ptr.dtype.element_ty), mask=tile_mask)
