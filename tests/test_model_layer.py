@@ -228,3 +228,24 @@ def test_mean_ablation_is_patching_with_means(family):
     assert_close(means["attn"], torch.stack(attn_mu).float(), torch.float32, "attention means")
     assert_close(means["mlp"], torch.stack(hid_mu).float(), torch.float32, "hidden means")
     assert_close(logits(model, ids), ref, torch.float32, family)
+
+
+def test_gate_keys_of_distinct_seed_and_step_never_collide():
+    """The Philox key holds the run's seed and the step in separate words: seed s at step k + 1 must not draw
+    what seed s + 1 draws at step k (it did when the key was seed + step)."""
+    from nodeprune_kernels.model.masks import MAX_RUN_SEED, step_seed
+    from nodeprune_kernels.ops.hard_concrete.reference import gate_uniform
+
+    pairs = [(s, k) for s in (0, 1, 2, 7, MAX_RUN_SEED - 1) for k in (0, 1, 2, 3, 2**32 - 1)]
+    keys = [step_seed(s, k) for s, k in pairs]
+    assert len(set(keys)) == len(pairs)
+    assert all(0 <= key < 2**63 for key in keys)
+    index = torch.arange(64)
+    assert not torch.equal(gate_uniform(step_seed(0, 1), index), gate_uniform(step_seed(1, 0), index))
+
+
+def test_run_seed_out_of_range_is_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"2\*\*31"):
+        npk.apply_node_pruning(model, ["head"], seed=2**31)
+    assert not npk.is_patched(model)

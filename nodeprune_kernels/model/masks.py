@@ -52,13 +52,20 @@ def gate_offsets(dims: ModelDims) -> dict:
     return out
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The Philox key of training step ``step``: ``seed + step``.
+MAX_RUN_SEED = 2**31  # run seeds are in [0, MAX_RUN_SEED); steps in [0, MAX_STEPS)
+MAX_STEPS = 2**32
 
-    Philox keys need no mixing (distinct keys give independent streams), and plain addition keeps the key
-    a symbolic int under ``torch.compile``, so a new step does not recompile (see :class:`NodeMasks`).
+
+def step_seed(seed: int, step: int) -> int:
+    """The Philox key of training step ``step`` of a run seeded ``seed``: ``seed * 2**32 + step``.
+
+    Philox4x32 has a 64-bit key (two 32-bit words) and the gate's global index is its counter, so the key's
+    low word holds the step and its high word the run's seed: distinct (seed, step) pairs never share a key,
+    hence never share noise (a plain ``seed + step`` made seed s at step k + 1 draw exactly what seed s + 1
+    drew at step k). The arithmetic keeps the key a symbolic int under ``torch.compile``, so a new step does
+    not recompile (see :class:`NodeMasks`).
     """
-    return seed + step
+    return seed * MAX_STEPS + step
 
 
 class NodeMasks(nn.Module):
@@ -70,7 +77,7 @@ class NodeMasks(nn.Module):
             Only the enabled granularities are present.
         dims: the model's sizes (:class:`ModelDims`).
         ablation: "zero", "mean" or "interchange" — what a closed node's input is replaced with.
-        seed: the run's seed; ``seed + step`` keys the gate sample of step ``step``.
+        seed: the run's seed; :func:`step_seed` (seed, step) keys the gate sample of step ``step``.
         step: training forward passes so far (the model's top-level forward advances it in training mode).
 
     Modes: ``masks.train()`` samples gates (a fresh sample per forward pass, shared by the batch);
@@ -92,8 +99,9 @@ class NodeMasks(nn.Module):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
-            raise ValueError(f"seed must be an int in [0, 2**62) (steps are added to it), got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_RUN_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**31) (the Philox key holds the seed and the step, "
+                             f"32 bits each), got {seed!r}")
         self.granularities = check_granularities(granularities)
         self.dims, self.family, self.ablation, self.backend = dims, family, ablation, backend
         self.seed, self.step = seed, 0

@@ -113,8 +113,7 @@ def gemm_config(dtype, M, R, C, epilogue=0):
     backward with a second tensor or an ablation), which narrows the output tile to 64 so it does not spill.
     Chosen so that no build spills registers on sm_90 or sm_80 and shared memory fits both (checked by
     tests/test_compile.py); not yet tuned on a GPU (DESIGN: autotune there, one config here).
-    ``epilogue``: 0 a plain store, 1 gating sums, 2 the MLP's activation backward with a second tensor or
-    an ablation."""
+    ``epilogue``: 0 a plain store, 1 gating sums, 2 the MLP's activation backward."""
     if interpreter_configs():  # every program instance costs ~ms there: few, large tiles
         return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_C=_pow2(C, 16, 64), BLOCK_R=_pow2(R, 16, 64), GROUP_M=8,
                     num_warps=4, num_stages=1)
@@ -211,8 +210,8 @@ def gated_matmul(a: Operand, b, M: int, R: int, C: int, *, a_split=Split(), e_sp
     """
     dtype = b[0].dtype
     colsum = e is not None if colsum is None else colsum
-    if out_kind == 1:
-        epilogue = 2 if e.u is not None or ec is not None else 1
+    if out_kind == 1:  # the activation backward's tiles (act, act', lin, h_c) need the narrow tile
+        epilogue = 2
     else:
         epilogue = 1 if e is not None and (zc is not None or ec is not None) else 0
     cfg = gemm_config(dtype, M, R, C, epilogue)
