@@ -82,7 +82,8 @@ def vector_operand(v: torch.Tensor) -> Operand:
 
 
 def hidden_operand(pre: torch.Tensor, lin: torch.Tensor | None) -> Operand:
-    """The hidden units act(pre) * lin (or act(pre)) of [M, F] pre-activations, built inside the kernel."""
+    """The hidden units act(pre) * lin (or act(pre)) of [M, F] pre-activations, rebuilt where they are read
+    (a GEMM's epilogue, or :func:`hidden_delta`)."""
     if lin is not None and lin.stride() != pre.stride():
         lin = lin.contiguous()
         pre = pre.contiguous()

@@ -1,7 +1,8 @@
 """Triton kernels and device helpers for hard-concrete gates.
 
-The ``@triton.jit`` helpers here (``gate_value``, ``gate_grad``) are also called from inside the masked
-GEMM kernels, so a gate is sampled where it is used and never written to memory.
+The ``@triton.jit`` helpers here (``gate_value``, ``gate_grad``) are also called by the gated GEMM's small
+kernels that sample a gate stack into a per-feature vector once per op call and turn per-feature sums into
+log_alpha gradients; no GEMM loop samples.
 """
 import triton
 import triton.language as tl

@@ -3,8 +3,8 @@
 Saved for backward: pre and lin only (the pre-activation alone for a non-gated MLP), plus the ablation input
 and the gate parameters; the hidden units h, h - h_c and the masked product are rebuilt in the backward.
 
-``nodeprune::masked_mlp`` runs the host wrapper ``forward`` of triton_host.py (the gated GEMM, h built in
-its prologue) or native_host.py (csrc row passes around ATen GEMMs), as its ``impl`` argument says, and
+``nodeprune::masked_mlp`` runs the host wrapper ``forward`` of triton_host.py (the gated GEMM on a transient
+h - h_c) or native_host.py (csrc row passes around ATen GEMMs), as its ``impl`` argument says, and
 returns y' with the tensors the backward needs (pre, lin, the cached h_c); ``nodeprune::masked_mlp_backward``
 runs ``backward``.
 :func:`nodeprune_kernels.masked_mlp` validates its arguments and calls the first; eagerly and under
@@ -67,7 +67,7 @@ def rows(t, n):
 
 def corrupted_hidden(x_corrupt, up_w, gate_w, up_b, gate_b, spec: Spec):
     """The forward's interchange ablation from the corrupted MLP input: ((pre_c, lin_c), None) to rebuild
-    h_c inside the kernels, or (None, h_c) computed once when ``cache_corrupt_hidden``; (None, None) without
+    h_c in the kernels' elementwise passes, or (None, h_c) computed once when ``cache_corrupt_hidden``; (None, None) without
     ``x_corrupt``."""
     if x_corrupt is None:
         return None, None
