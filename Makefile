@@ -2,6 +2,8 @@
 #   make demo       the main job on the shipped model: prune it, print the circuit, check it (~1 min on a CPU)
 #   make test       the test suite (Triton kernels run in the interpreter when there is no GPU)
 #   make selfcheck  every op against its reference, plus the GPU build report
+#   make gpu-check  the prepared GPU proof (scripts/gpu_check.py): tests, selfcheck, benchmarks, one summary table;
+#                   runs with the machine's own $(PYTHON) from the working tree (no .venv, nothing installed)
 # The torch requirement is overridable: CI pins the CPU build with the default below; on a GPU machine,
 # e.g. `make test TORCH="torch"` or point VENV at an environment that already has a CUDA torch.
 PYTHON ?= python3
@@ -9,7 +11,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test selfcheck install clean
+.PHONY: demo test selfcheck gpu-check install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,10 @@ selfcheck: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# GPU_CHECK_ARGS: e.g. --small (the CPU smoke mode), --skip fit, --budget 600
+gpu-check:
+	PYTHONPATH=. $(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

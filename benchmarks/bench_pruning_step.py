@@ -10,9 +10,11 @@ One step is what a pruning run does per batch: the forward pass of the clean bat
 the trainable gates. Weights are frozen (requires_grad False), random (seed 0), built from configs: GPT-2 small
 (12 layers, d 768, 12 heads, vocab 50257), the Llama-3.2-1B shape (16 layers, d 2048, 32 query / 8 key-value
 heads of 64, SwiGLU d_ff 8192, vocab 128256, tied) and the Llama-3-8B shape (32 layers, d 4096, 32/8 heads of
-128, d_ff 14336, vocab 128256). bfloat16 on a GPU, float32 on the CPU (``--dtype``). The loss is the pruning
-run's: KL(full || masked) of the next-token distribution at one task position per sequence (the last), against
-the full model's log-probabilities computed once per batch without grad (not timed).
+128, d_ff 14336, vocab 128256); on request (``--models codellama-13b``, for --fit) the CodeLlama-13B shape (40
+layers, d 5120, 40 heads of 128 without grouped-query attention, d_ff 13824, vocab 32016). bfloat16 on a GPU,
+float32 on the CPU (``--dtype``). The loss is the pruning run's: KL(full || masked) of the next-token
+distribution at one task position per sequence (the last), against the full model's log-probabilities computed
+once per batch without grad (not timed).
 
 Modes, each on the same model and inputs:
 - floor: the unmasked frozen model, forward from input embeddings that require grad, backward to them;
@@ -65,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import env_row, write_csv  # noqa: E402
+from common import device_slug, env_row, write_csv  # noqa: E402
 
 ALL = ("layer", "attn", "head", "attn_neuron", "mlp", "mlp_neuron", "mlp_out")
 COARSE = ("layer", "attn", "head", "mlp")
@@ -88,6 +90,11 @@ def model_config(name: str, n_layers: int | None = None):
         "llama-3-8b": lambda: LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                           num_hidden_layers=32, head_dim=128, tie_word_embeddings=False,
                                           max_position_embeddings=8192, **llama),
+        "codellama-13b": lambda: LlamaConfig(vocab_size=32016, hidden_size=5120, intermediate_size=13824,
+                                             num_hidden_layers=40, head_dim=128, tie_word_embeddings=False,
+                                             max_position_embeddings=16384,
+                                             **{**llama, "num_attention_heads": 40, "num_key_value_heads": 40,
+                                                "bos_token_id": 1, "eos_token_id": 2}),
         "tiny-gpt2": lambda: GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256,
                                         bos_token_id=0, eos_token_id=0),
         "tiny-llama": lambda: LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -430,7 +437,7 @@ def saved_only(args, dtype, device):
     for model_name in args.models.split(","):
         cfg = model_config(model_name)
         L = n_layers_of(cfg)
-        methods = ["extrapolated"] if L > 5 and model_name.startswith("llama") else []
+        methods = ["extrapolated"] if L > 5 and cfg.model_type == "llama" else []
         if not methods or args.full:
             methods.insert(0, "measured")
         for method in methods:
@@ -465,8 +472,12 @@ def at_batch(counts: dict, batch: int, key: str = "saved_bytes") -> int:
     return c1 + (batch - 1) * (c2 - c1)
 
 
+FUSED_BACKEND = "auto"  # --fused-backend: "auto" is the native kernels on a CPU, Triton on a GPU
+
+
 def backend_of(mode, device) -> str:
-    return {"eager": "reference", "fused": "native" if str(device) == "cpu" else "triton"}.get(mode, "")
+    fused = FUSED_BACKEND if FUSED_BACKEND != "auto" else "native" if str(device) == "cpu" else "triton"
+    return {"eager": "reference", "fused": fused}.get(mode, "")
 
 
 def extrapolate(counts: dict[int, int], n_layers: int, what: str = "") -> int:
@@ -563,9 +574,9 @@ def fit(args, dtype, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--models", default=None, help="comma list of gpt2-small, llama-3.2-1b, llama-3-8b, tiny-gpt2, "
-                                                   "tiny-llama (default: all three real shapes on a GPU, "
-                                                   "gpt2-small on a CPU)")
+    ap.add_argument("--models", default=None, help="comma list of gpt2-small, llama-3.2-1b, llama-3-8b, "
+                                                   "codellama-13b, tiny-gpt2, tiny-llama (default: the first three "
+                                                   "on a GPU, gpt2-small on a CPU)")
     ap.add_argument("--points", default=None, help="BATCHxSEQ,... for every model (default: per model and device)")
     ap.add_argument("--modes", default="floor,eager,fused,edge")
     ap.add_argument("--ablations", default="zero,interchange")
@@ -586,10 +597,17 @@ def main(argv=None):
     ap.add_argument("--fit", action="store_true", help="GPU: the largest batch at --fit-seq per mode")
     ap.add_argument("--fit-seq", type=int, default=1024)
     ap.add_argument("--fit-cap", type=int, default=4096, help="--fit: the largest batch tried")
+    ap.add_argument("--fused-backend", default="auto", choices=["auto", "triton", "native"],
+                    help="the fused mode's kernels (default: Triton on a GPU, native on a CPU; triton on a CPU runs "
+                         "Triton's interpreter, a smoke test)")
     ap.add_argument("--out", default=None, help="CSV path (default: results/<kind>_<device>.csv; --quick writes "
                                                 "nothing unless --out is given)")
     args = ap.parse_args(argv)
     args.cuda = torch.cuda.is_available()
+    global FUSED_BACKEND
+    FUSED_BACKEND = args.fused_backend
+    if args.fused_backend == "triton" and not args.cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.cuda else "cpu"
@@ -610,8 +628,7 @@ def main(argv=None):
     else:
         kind, rows = "pruning_step", sweep(args, dtype, device)
     if not args.quick or args.out:
-        slug = "cpu" if not args.cuda else torch.cuda.get_device_name().split()[-1].lower()
-        print("wrote", write_csv(rows, f"{kind}_{slug}.csv", args.out))
+        print("wrote", write_csv(rows, f"{kind}_{device_slug()}.csv", args.out))
     print(f"total {time.perf_counter() - t0:.0f} s")
     return rows
 

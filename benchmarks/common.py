@@ -24,6 +24,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def device_slug(name: str | None = None) -> str:
+    """A file-name part for a device: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3", "NVIDIA H200" -> "h200";
+    "cpu" without a GPU (or for name "cpu")."""
+    import re
+
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = re.sub(r"^(nvidia|amd)\s+", "", name.strip(), flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
 def git_commit() -> str:
     """The library's commit, with ``-dirty`` when nodeprune_kernels/ has uncommitted changes."""
     here = os.path.dirname(os.path.abspath(__file__))
