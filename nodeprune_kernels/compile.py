@@ -421,22 +421,25 @@ def role(r) -> str:
     "" where the constexprs are not the ones it knows."""
     c = r["constexprs"]
     try:
+        acts = {1: " silu", 2: " gelu", 3: " gelu_t", 4: " relu"}
+        modes = {0: "", 1: " mean", 2: " interch.", 3: " rebuild"}
         if r["kernel"] == "_gated_matmul_kernel":
             if c.get("OUT_KIND") == 1:
                 name = "mlp dh" + ("+dz_in" if c.get("COLSUM") else "")
-            elif c.get("A_HIDDEN"):
-                name = "mlp dz_out" if c.get("COLSUM") else "mlp fwd"
             else:
                 name = "dx+dz_in" if c.get("STORE_OUT") and c.get("COLSUM") else "dz_out" if c.get("COLSUM") \
                     else "forward"
-            if any(k not in c for k in ("A_M1", "A_R1", "E_M1", "E_C1")):  # a split size, not the constant 1
+            # a split size, not the constant 1 (A's column split is a constexpr, so its value tells)
+            if c.get("A_R1", 1) != 1 or any(k not in c for k in ("A_M1", "E_M1", "E_C1")):
                 name += " split"
-            ablation = {0: "", 1: " mean", 2: " interch.", 3: " rebuild"}.get(
-                c.get("AC_MODE", 0) or c.get("EC_MODE", 0), "")
-            if c.get("A_HIDDEN") or c.get("E_HIDDEN"):
-                name += {1: " silu", 2: " gelu", 3: " gelu_t", 4: " relu"}.get(c.get("ACT"), "") + \
-                    (" glu" if c.get("GLU") else "")
-            return name + ablation
+            if c.get("E_HIDDEN"):
+                name += acts.get(c.get("ACT"), "") + (" glu" if c.get("GLU") else "")
+            return name + modes.get(c.get("EC_MODE", 0), "")
+        if r["kernel"] == "_hidden_kernel":
+            return "h - h_c" + acts.get(c.get("ACT"), "") + (" glu" if c.get("GLU") else "") + \
+                modes.get(c.get("HC_MODE", 0), "")
+        if r["kernel"] == "_fold_kernel":
+            return "fold rows" if c.get("Z_ON_ROWS") else "fold cols"
         if r["kernel"] == "_gate_level_grad_kernel":
             return f"level {c.get('TARGET', '?')}/{c.get('N_LEVELS', '?')}"
         return ("train" if c.get("TRAINING") else "eval") if "TRAINING" in c else ""

@@ -39,18 +39,22 @@ def test_every_kernel_compiles_for_each_arch(builds):
     assert len(rows) == len(records) * len(ARCHS)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_hard_concrete_fwd_kernel", "_hard_concrete_bwd_kernel", "_gated_matmul_kernel",
-                       "_gate_level_grad_kernel"}
+                       "_gate_level_grad_kernel", "_feature_gates_kernel", "_fold_kernel", "_hidden_kernel"}
     # forward, dx and dz_out GEMMs for each of fp32, fp16, bf16, and the mean / interchange variants
     assert sum(r.name == "_gated_matmul_kernel" for r in records) >= 3 * 3 + 2 * 3
     roles = {(role(r), r["arch"]) for r in rows}
     for arch in ("sm_90", "sm_80"):
-        # the attention output read through SDPA's transpose, and every activation of the MLP's three GEMMs
+        # the attention output read through SDPA's transpose; the linear's three GEMMs with each ablation
         assert {("forward split", arch), ("dx+dz_in split", arch), ("dz_out split", arch)} <= roles
+        assert {(f"dx+dz_in{m}", arch) for m in ("", " mean", " interch.")} <= roles
+        assert {("fold rows", arch), ("fold cols", arch), ("train", arch), ("eval", arch)} <= roles
+        # every activation of the MLP: the transient h - h_c and the activation backward's GEMM
         for act in ("silu glu", "gelu glu", "gelu_t glu", "gelu_t", "gelu", "relu"):
-            assert {(f"mlp fwd {act}", arch), (f"mlp dh+dz_in {act}", arch), (f"mlp dz_out {act}", arch)} <= roles
-        # interchange with h_c rebuilt from the corrupted input, in the prologue and in the epilogue
-        assert {(f"mlp fwd {a} rebuild", arch) for a in ("silu glu", "silu")} <= roles
-        assert (f"mlp dh+dz_in silu glu rebuild", arch) in roles
+            assert {(f"h - h_c {act}", arch), (f"mlp dh+dz_in {act}", arch)} <= roles
+        # interchange with h_c rebuilt from the corrupted input, before the forward GEMM and in the epilogue
+        assert {(f"h - h_c {a} rebuild", arch) for a in ("silu glu", "silu")} <= roles
+        assert {(f"mlp dh+dz_in {a}{m}", arch) for a in ("silu glu", "silu")
+                for m in (" mean", " interch.", " rebuild")} <= roles
 
 
 def test_no_register_spills(builds):
