@@ -126,6 +126,18 @@ def _gate_product(cols, mask, seed, la0, g0, o0, la1, g1, o1, la2, g2, o2, la3, 
 
 
 @triton.jit
+def grouped_tile(pid, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_c) of program ``pid`` in the grouped tile order (GROUP_M row tiles share a column tile
+    while it is in L2)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_c = tl.cdiv(C, BLOCK_C)
+    num_pid_in_group = GROUP_M * num_pid_c
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def _feature_gates_kernel(z_ptr, F, seed, a0, g0, o0, a1, g1, o1, a2, g2, o2, a3, g3, o3,
                           N_LEVELS: tl.constexpr, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
     """z[f] = product over the stack's levels of the gate of feature f (float32): the one place a GEMM's
@@ -190,16 +202,7 @@ def _gated_matmul_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped tile order for L2 reuse of B
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_c = tl.cdiv(C, BLOCK_C)
-    num_pid_in_group = GROUP_M * num_pid_c
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_c = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_c = grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
