@@ -178,8 +178,12 @@ def main(argv=None) -> int:
             parser.error(str(e))
         return 0
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import demo_config, run_demo
 
+        try:
+            demo_config(args.steps)  # validates --steps before anything is loaded
+        except ValueError as e:
+            parser.error(str(e))
         return 0 if run_demo(run_dir=args.out, steps=args.steps) else 1
 
     try:

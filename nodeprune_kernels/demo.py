@@ -239,7 +239,8 @@ def demo_config(steps: int | None = None):
     from .pruning.config import PruneConfig
     from .utils.backend import cpu_backend
 
-    return PruneConfig(ablation="zero", targets=DEMO_TARGETS, lambda_lr=0.1, steps=steps or 800, batch_size=16,
+    return PruneConfig(ablation="zero", targets=DEMO_TARGETS, lambda_lr=0.1, steps=800 if steps is None else steps,
+                       batch_size=16,
                        n_examples=256, n_eval=64, backend=cpu_backend(),
                        task_options={"prefix_len": DEMO_PREFIX_LEN, "lo": 1, "bos_token_id": BOS})
 

@@ -52,6 +52,7 @@ def test_json_round_trip_and_summary(tmp_path):
     path = tmp_path / "circuit.json"
     c.to_json(path, indent=1)
     assert npk.Circuit.from_json(str(path)) == c
+    assert npk.Circuit.from_json(path) == c  # a pathlib.Path too
     text = c.summary()
     k, n, _ = c.counts()["mlp_neuron"]
     assert f"{'mlp_neuron':<12} {k:>8} {n:>8}" in text and "attn*" in text

@@ -73,6 +73,8 @@ def test_jsonl_task_from_the_command_line(model_dir, tmp_path, capsys):
     (["prune", "--model", "M", "--task", "ioi", "--out", "o", "--targets", "head=0.5"], "targets missing for layer"),
     (["prune", "--model", "M", "--task", "ioi", "--out", "o", "--granularities", "heads"], "unknown granularity"),
     (["show", "/nonexistent/run"], "not a finished pruning run"),
+    (["demo", "--steps", "0"], "steps must be an int >= 1"),
+    (["prune", "--model", "M", "--task", "ioi", "--out", "o", "--init-std", "-1"], "init_std is a standard deviation"),
 ])
 def test_errors(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -116,6 +116,13 @@ def test_lagrangian_ascends_towards_the_target_with_warmup():
     (dict(ablation="resample"), "unknown ablation"),
     (dict(granularities=("neuron",)), "unknown granularity"),
     (dict(steps=0), "steps must be"),
+    (dict(steps=2.5), "steps must be an int"),
+    (dict(batch_size=True), "batch_size must be an int"),
+    (dict(init_std=-1.0), "init_std is a standard deviation"),
+    (dict(init_std=float("nan")), "init_std is a standard deviation"),
+    (dict(init_log_alpha=float("inf")), "init_log_alpha must be finite"),
+    (dict(seed=-1), r"seed must be an int in \[0, 2\*\*31\)"),
+    (dict(seed=2**31), r"seed must be an int in \[0, 2\*\*31\)"),
     (dict(dtype="fp8"), "unknown dtype"),
 ])
 def test_config_errors(kwargs, match):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -156,10 +157,10 @@ class Circuit:
         return cls(kept, dims, data.get("threshold"), data.get("model_type"))
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "Circuit":
-        """Read a circuit from JSON text or from a file path."""
+    def from_json(cls, text_or_path: "str | os.PathLike") -> "Circuit":
+        """Read a circuit from JSON text or from a file path (a str or a ``pathlib.Path``)."""
         text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+        if isinstance(text_or_path, os.PathLike) or not text_or_path.lstrip().startswith("{"):
             with open(text_or_path) as f:
                 text = f.read()
         return cls.from_dict(json.loads(text))

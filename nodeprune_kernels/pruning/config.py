@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..model.masks import ABLATIONS, GRANULARITIES, check_granularities
@@ -41,7 +42,7 @@ class PruneConfig:
     Circuit and evaluation: ``threshold`` on the deterministic gates (``circuit_method`` "threshold" or
     CoFi's "expected_zeros"), ``curve_points`` points of the faithfulness-versus-sparsity curve.
 
-    Runtime: ``backend`` ("auto", "triton", "reference"), ``dtype`` of the model ("auto" keeps it),
+    Runtime: ``backend`` ("auto", "triton", "native", "reference"), ``dtype`` of the model ("auto" keeps it),
     ``gradient_checkpointing``, ``log_every``, ``checkpoint_every`` (steps; also at the end).
     """
 
@@ -86,8 +87,16 @@ class PruneConfig:
         if self.circuit_method not in ("threshold", "expected_zeros"):
             raise ValueError(f"unknown circuit_method {self.circuit_method!r}; choose threshold or expected_zeros")
         for name in ("steps", "batch_size", "n_examples", "log_every", "checkpoint_every", "curve_points"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be an int in [0, 2**31) (the gate noise's Philox key holds the seed and the "
+                             f"step, 32 bits each), got {self.seed!r}")
+        if not math.isfinite(float(self.init_log_alpha)):
+            raise ValueError(f"init_log_alpha must be finite, got {self.init_log_alpha}")
+        if not (math.isfinite(float(self.init_std)) and float(self.init_std) >= 0):
+            raise ValueError(f"init_std is a standard deviation: finite and >= 0, got {self.init_std}")
         for name in ("lr", "lambda_lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
