@@ -225,6 +225,22 @@ def test_gradient_checkpointing_changes_nothing():
         torch.testing.assert_close(outs[1][g], outs[0][g], rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_the_user_enabled_stays_enabled():
+    """prune restores the model: a model that had checkpointing on (with its own options) keeps it."""
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    funcs = {n: m._gradient_checkpointing_func for n, m in model.named_modules()
+             if getattr(m, "gradient_checkpointing", False)}
+    assert funcs
+    prune(model, induction_data(), PruneConfig(gradient_checkpointing=True, **dict(FAST, steps=2)), progress=False)
+    after = {n: m._gradient_checkpointing_func for n, m in model.named_modules()
+             if getattr(m, "gradient_checkpointing", False)}
+    assert after == funcs  # still on, with the user's function (use_reentrant=True), not prune's
+    off = tiny_model("llama")
+    prune(off, induction_data(), PruneConfig(gradient_checkpointing=True, **dict(FAST, steps=2)), progress=False)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in off.modules())
+
+
 def test_prune_errors(tmp_path):
     model = tiny_model("llama")
     data = induction_data()

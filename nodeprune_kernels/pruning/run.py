@@ -117,7 +117,7 @@ def batch_index(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
 def _checkpointing(model, layers, enabled: bool):
     """Gradient checkpointing of the decoder layers without dropout: HF checkpoints a layer only when the
     layer is in training mode, so only the layers' own ``training`` flags are set (not their children's:
-    dropout stays off). Restored on exit."""
+    dropout stays off). Restored on exit, the user's own checkpointing (and its options) included."""
     if not enabled:
         yield
         return
@@ -128,6 +128,8 @@ def _checkpointing(model, layers, enabled: bool):
         enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
     else:
         enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
+    before = {m: (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
+              for m in model.modules() if hasattr(m, "gradient_checkpointing")}
     enable({"use_reentrant": False})
     flags = [layer.training for layer in layers]
     for layer in layers:
@@ -138,6 +140,10 @@ def _checkpointing(model, layers, enabled: bool):
         for layer, f in zip(layers, flags):
             layer.training = f
         disable()
+        for m, (on, func) in before.items():  # the state the user left, not just "off"
+            m.gradient_checkpointing = on
+            if func is not None:
+                m._gradient_checkpointing_func = func
 
 
 def _load_on_rank0(run_dir: Path, config: PruneConfig, meta: dict, rank: int, world: int):
