@@ -263,6 +263,29 @@ def test_prune_errors(tmp_path):
     assert not npk.is_patched(model)
 
 
+def test_resume_refuses_changed_data_and_junk_and_allows_another_backend(tmp_path):
+    model = tiny_model("llama")
+    data = induction_data()
+    cfg = PruneConfig(**dict(FAST, steps=2))
+    prune(model, data, cfg, run_dir=tmp_path, progress=False)
+    other_distractor = induction_data()
+    other_distractor.distractor[0, other_distractor.distractor[0] >= 0] += 1
+    other_split = induction_data()
+    other_split.is_eval[:3] = True
+    for changed in (other_distractor, other_split):
+        with pytest.raises(ValueError, match="other data"):
+            prune(model, changed, cfg, run_dir=tmp_path, progress=False)
+    # the same gates on every backend: a run may resume on another one
+    prune(model, data, cfg.replace(backend="triton"), run_dir=tmp_path, progress=False)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable pruning checkpoint.*delete it"):
+        prune(model, data, cfg, run_dir=tmp_path, progress=False)
+    torch.save({"format": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint format 1"):
+        prune(model, data, cfg, run_dir=tmp_path, progress=False)
+    assert not npk.is_patched(model)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = obj.objective_sum
     calls = []

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import PruneConfig
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: gate noise keyed by (seed, step) in separate Philox key words
 
 
 def _atomic(path: Path, write) -> None:
@@ -69,11 +69,19 @@ def load_checkpoint(run_dir: Path, config: PruneConfig, meta: dict) -> dict | No
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say what to do (never "weights_only=False")
+        raise ValueError(f"{path} is not a readable pruning checkpoint ({type(e).__name__}); delete it to start "
+                         "the run afresh, or use another run directory") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: checkpoint format {found!r}, this version writes {CHECKPOINT_FORMAT} (format 1 "
+                         "runs drew their gate noise from another key and cannot be resumed exactly); delete it to "
+                         "start the run afresh, or use another run directory")
     saved = PruneConfig.from_dict(state["config"]).to_dict()
-    diff = {k: (saved[k], v) for k, v in config.to_dict().items() if saved.get(k) != v}
+    # every backend draws the same gates, so a run may resume on another one (e.g. native after reference)
+    diff = {k: (saved[k], v) for k, v in config.to_dict().items() if saved.get(k) != v and k != "backend"}
     if diff:
         raise ValueError(f"{run_dir} holds a run with other options ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                          "use another run directory, or the same options to resume it")

@@ -95,9 +95,15 @@ def _build_task(task, tokenizer, config: PruneConfig, vocab_size: int) -> TaskDa
 
 
 def fingerprint(data: TaskData) -> str:
+    """A hash of every tensor the run reads (the task's options are compared as part of the config)."""
     h = hashlib.sha1()
-    for t in (data.input_ids, data.corrupt_ids, data.positions, data.target):
-        h.update(t.contiguous().numpy().tobytes())
+    for name in ("input_ids", "corrupt_ids", "attention_mask", "positions", "target", "distractor", "is_eval",
+                 "good", "bad"):
+        t = getattr(data, name)
+        h.update(name.encode())
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
