@@ -97,6 +97,10 @@ def config_from_args(args) -> PruneConfig:
         if v is None:
             continue
         if f.name == "task_options":
+            bad = [item for item in v if "=" not in item or not item.split("=", 1)[0]]
+            if bad:
+                raise ValueError(f"--task-options takes name=value pairs, got {', '.join(map(repr, bad))} "
+                                 "(e.g. --task-options prefix_len=12)")
             v = {k: _scalar(val) for k, _, val in (item.partition("=") for item in v)}
         values[f.name] = v
     return PruneConfig(**values)
@@ -194,6 +198,12 @@ def main(argv=None) -> int:
 
     started = dist.init_from_env()  # under torchrun: one process per GPU, weights sharded with FSDP2
     try:
+        try:
+            from .tasks import get_task
+
+            get_task(args.task, **config.task_options)  # unknown tasks, bad options, before any model loads
+        except (ValueError, KeyError) as e:
+            parser.error(str(e).strip("'\""))
         _prune_or_compare(args, config, dist.dist_info()[0])
     finally:
         if started:

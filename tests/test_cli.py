@@ -74,6 +74,12 @@ def test_jsonl_task_from_the_command_line(model_dir, tmp_path, capsys):
     (["prune", "--model", "M", "--task", "ioi", "--out", "o", "--granularities", "heads"], "unknown granularity"),
     (["show", "/nonexistent/run"], "not a finished pruning run"),
     (["demo", "--steps", "0"], "steps must be an int >= 1"),
+    (["prune", "--model", "M", "--task", "induction", "--out", "o", "--task-options", "prefix_len"],
+     "--task-options takes name=value pairs"),
+    (["prune", "--model", "M", "--task", "induction", "--out", "o", "--task-options", "nope=3"],
+     "task 'induction' has no option 'nope'"),
+    (["prune", "--model", "M", "--task", "induction", "--out", "o", "--task-options", "prefix_len=1"],
+     "prefix_len must be an int >= 2"),
     (["prune", "--model", "M", "--task", "ioi", "--out", "o", "--init-std", "-1"], "init_std is a standard deviation"),
 ])
 def test_errors(argv, message, capsys):
@@ -82,8 +88,9 @@ def test_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_unknown_task_and_missing_tokenizer(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown task 'iio'"):
+def test_unknown_task_and_missing_tokenizer(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(["prune", "--model", str(model_dir), "--task", "iio", "--out", str(tmp_path / "a")] + ARGS)
+    assert "unknown task 'iio'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="could not load model"):
         main(["prune", "--model", str(tmp_path / "nothing"), "--task", "ioi", "--out", str(tmp_path / "b")] + ARGS)

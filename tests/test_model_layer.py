@@ -249,3 +249,10 @@ def test_run_seed_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"2\*\*31"):
         npk.apply_node_pruning(model, ["head"], seed=2**31)
     assert not npk.is_patched(model)
+
+
+def test_a_base_model_is_refused_with_what_to_pass():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="pass the \\*ForCausalLM model itself"):
+        npk.apply_node_pruning(model.model)
+    assert not npk.is_patched(model.model)

@@ -188,6 +188,12 @@ def apply_node_pruning(model: nn.Module, granularities=GRANULARITIES, ablation: 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
     family = family_of(model)
+    try:
+        family.decoder_layers(model)
+    except AttributeError:
+        raise TypeError(f"{type(model).__name__} is not a causal LM with an LM head (its decoder layers are not at "
+                        f"model.{family.layers}); pass the *ForCausalLM model itself, e.g. "
+                        "AutoModelForCausalLM.from_pretrained(...), not its base model") from None
     dims = model_dims(model, family)
     activation = activation_of(model.config)
     masks = NodeMasks(model, family, dims, granularities, ablation=ablation, backend=backend, seed=seed,
