@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 from .model.masks import ABLATIONS, GRANULARITIES
 from .pruning.config import COARSE, DEFAULT_TARGETS, DTYPES, PruneConfig
@@ -177,9 +178,12 @@ def main(argv=None) -> int:
 
         try:
             print(show(args.run_dir))
-            print("plots:", ", ".join(str(p) for p in plot_run(args.run_dir)))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             parser.error(str(e))
+        try:
+            print("plots:", ", ".join(str(p) for p in plot_run(args.run_dir)))
+        except ImportError as e:  # as prune does: the report stands without its plots
+            print(f"plots not drawn ({e}); install matplotlib to draw them", file=sys.stderr)
         return 0
     if args.command == "demo":
         from .demo import demo_config, run_demo

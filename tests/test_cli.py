@@ -94,3 +94,26 @@ def test_unknown_task_and_missing_tokenizer(model_dir, tmp_path, capsys):
     assert "unknown task 'iio'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="could not load model"):
         main(["prune", "--model", str(tmp_path / "nothing"), "--task", "ioi", "--out", str(tmp_path / "b")] + ARGS)
+
+
+def test_show_on_incomplete_runs_and_without_plotting(model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["prune", "--model", str(model_dir), "--task", "ioi", "--out", str(out)] + ARGS) == 0
+    capsys.readouterr()
+    import nodeprune_kernels.pruning.report as report
+
+    def no_plots(_):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "plot_run", no_plots)
+    assert main(["show", str(out)]) == 0  # the report, without its plots
+    captured = capsys.readouterr()
+    assert "faithfulness curve" in captured.out and "install matplotlib" in captured.err
+    (out / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["show", str(out)])
+    assert "metrics.json is not valid JSON" in capsys.readouterr().err
+    (out / "metrics.json").unlink()
+    with pytest.raises(SystemExit):
+        main(["show", str(out)])
+    assert "no metrics.json" in capsys.readouterr().err

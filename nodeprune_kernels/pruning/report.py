@@ -84,10 +84,22 @@ def read_run(run_dir) -> dict:
         hint = (" (it has a checkpoint: the run did not finish; rerun the same command to resume it)"
                 if (run_dir / "checkpoint.pt").exists() else "")
         raise FileNotFoundError(f"{run_dir} is not a finished pruning run: no circuit.json{hint}")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    return {"circuit": Circuit.from_json(str(run_dir / "circuit.json")), "metrics": m["metrics"],
-            "curve": m["curve"], "history": json.loads((run_dir / "history.json").read_text()),
-            "config": json.loads((run_dir / "config.json").read_text())}
+    files = {}
+    for name in ("metrics.json", "history.json", "config.json"):
+        path = run_dir / name
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} is not a complete pruning run: no {name} (copy the whole run "
+                                    "directory, or rerun the command that wrote it)")
+        try:
+            files[name] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from None
+    m = files["metrics.json"]
+    missing = [k for k in ("metrics", "curve") if not isinstance(m, dict) or k not in m]
+    if missing:
+        raise ValueError(f"{run_dir / 'metrics.json'} has no {' or '.join(missing)}: not written by nodeprune prune")
+    return {"circuit": Circuit.from_json(run_dir / "circuit.json"), "metrics": m["metrics"], "curve": m["curve"],
+            "history": files["history.json"], "config": files["config.json"]}
 
 
 def plot_run(run_dir) -> list:
