@@ -420,6 +420,19 @@ def test_jsonl(tmp_path, word):
     assert len(get_task(str(path), add_special_tokens=False).build(word).input_ids[0]) == lengths(data)[0] - 1
 
 
+def test_jsonl_split_only_eval_rows_and_small_files(tmp_path, word):
+    only_eval = write_jsonl(tmp_path / "eval.jsonl", [ROWS[1], dict(ROWS[0], split="eval")])
+    with pytest.raises(ValueError, match="all 2 examples are marked for evaluation.*mark some rows"):
+        get_task(str(only_eval)).build(word).split(None)
+    # no split field, few rows: the default hold-out adapts (a quarter, at most 64) instead of failing
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in ROWS] * 7  # 21 rows
+    small = get_task(str(write_jsonl(tmp_path / "small.jsonl", rows))).build(word)
+    train, held = small.split(None)
+    assert (len(train), len(held)) == (16, 5)
+    with pytest.raises(ValueError, match="cannot hold out 64 of 21"):
+        small.split(64)  # an explicit count is taken as asked
+
+
 BAD_ROWS = [
     ('{"clean": "a b", "corrupted": "a c", "target": " d"', "invalid JSON"),
     ('["a", "b"]', "expected a JSON object"),

@@ -36,8 +36,9 @@ class PruneConfig:
 
     Optimisation: ``steps``, ``batch_size``, ``lr`` (AdamW on log_alpha, no weight decay).
 
-    Data: ``n_examples`` generated (tasks from a file use all their rows), ``n_eval`` held out (a count or a
-    fraction; a file's ``split`` column wins), ``task_options`` for the task's generator.
+    Data: ``n_examples`` generated (tasks from a file use all their rows), ``n_eval`` held out (a count, a
+    fraction, or None: min(64, a quarter of the examples); a file's ``split`` column wins; the count used is in
+    config.json), ``task_options`` for the task's generator.
 
     Circuit and evaluation: ``threshold`` on the deterministic gates (``circuit_method`` "threshold" or
     CoFi's "expected_zeros"), ``curve_points`` points of the faithfulness-versus-sparsity curve.
@@ -61,7 +62,7 @@ class PruneConfig:
     init_std: float = 0.0
     seed: int = 0
     n_examples: int = 256
-    n_eval: int | float = 64
+    n_eval: int | float | None = None
     task_options: dict = field(default_factory=dict)
     threshold: float = 0.5
     circuit_method: str = "threshold"

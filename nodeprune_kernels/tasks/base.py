@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+DEFAULT_N_EVAL = 64  # held-out examples when n_eval is None (at most a quarter of the examples)
 NONE = -1  # no target / distractor / set member here
 
 
@@ -62,12 +63,17 @@ class TaskData:
             kw[f] = kw[f][:, :T]
         return TaskData(**kw)
 
-    def split(self, n_eval: int | float = 0.2, seed: int = 0) -> tuple:
+    def split(self, n_eval: int | float | None = 0.2, seed: int = 0) -> tuple:
         """(train, eval): the examples marked ``is_eval`` if any are, else a seeded random ``n_eval``
-        (a count, or a fraction of the examples)."""
-        if bool(self.is_eval.any()):
-            return self.subset(~self.is_eval), self.subset(self.is_eval)
+        (a count, a fraction of the examples, or None: min(64, a quarter of them), at least 1)."""
         N = len(self)
+        if bool(self.is_eval.any()):
+            if bool(self.is_eval.all()):
+                raise ValueError(f"task {self.name!r}: all {N} examples are marked for evaluation (split \"eval\"), "
+                                 "so none is left to train on; mark some rows \"train\" or drop the split field")
+            return self.subset(~self.is_eval), self.subset(self.is_eval)
+        if n_eval is None:
+            n_eval = max(1, min(DEFAULT_N_EVAL, N // 4))
         k = int(round(n_eval * N)) if isinstance(n_eval, float) else int(n_eval)
         if not 0 < k < N:
             raise ValueError(f"task {self.name!r}: cannot hold out {n_eval} of {N} examples for evaluation")
