@@ -256,3 +256,23 @@ def test_a_base_model_is_refused_with_what_to_pass():
     with pytest.raises(TypeError, match="pass the \\*ForCausalLM model itself"):
         npk.apply_node_pruning(model.model)
     assert not npk.is_patched(model.model)
+
+
+def test_deepcopy_of_a_patched_model_is_refused_and_both_stay_usable():
+    model = tiny_model("llama")
+    ids = tiny_batch()
+    with torch.no_grad():
+        before = model(ids).logits
+    masks = npk.apply_node_pruning(model, ["head"], backend="reference")
+    with pytest.raises(TypeError, match="remove_node_pruning"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="remove_node_pruning"):
+        copy.deepcopy(model.model.layers[0].self_attn)  # a patched module alone, too
+    masks.eval()
+    with torch.no_grad(), masks.all_open():
+        torch.testing.assert_close(model(ids).logits, before)
+    npk.remove_node_pruning(model)
+    clone = copy.deepcopy(model)  # unpatched: copies as usual
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids).logits, before)
+        torch.testing.assert_close(model(ids).logits, before)

@@ -58,6 +58,8 @@ class _Patch:
             for p in model.parameters():
                 p.requires_grad_(False)
         self.hook = model.register_forward_pre_hook(self.masks._advance)
+        for module in {id(m): m for m in (model, *(m for m, _ in self.forwards))}.values():
+            module.__dict__["__deepcopy__"] = _refuse_deepcopy
 
     def uninstall(self, model: nn.Module) -> None:
         for module, old in reversed(self.previous):
@@ -66,10 +68,21 @@ class _Patch:
             else:
                 module.forward = old
         self.hook.remove()
+        for module in (model, *(m for m, _ in self.forwards)):
+            module.__dict__.pop("__deepcopy__", None)
         params = dict(model.named_parameters())
         for name, flag in self.requires_grad.items():
             params[name].requires_grad_(flag)
         self.previous, self.requires_grad, self.hook = [], {}, None
+
+
+def _refuse_deepcopy(memo):
+    """``copy.deepcopy`` of a patched model (or of one of its patched modules): refused, since the copy's
+    gates and interchange state would still be the original's."""
+    raise TypeError("copy.deepcopy of a model patched for node pruning is not supported (the copy would share "
+                    "the original's gates and interchange state): call nodeprune_kernels.remove_node_pruning(model), "
+                    "copy it, then apply_node_pruning to each copy; or copy inside "
+                    "`with nodeprune_kernels.model.patch.unpatched(model):`")
 
 
 def _original(module: nn.Module, *args, **kwargs):
