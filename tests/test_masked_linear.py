@@ -293,3 +293,20 @@ def test_native_float64(la_dtype, layout, training):
     with pytest.raises(TypeError, match="backend='reference'"):
         masked_linear(x, w, b, in_gates=in_gates, out_gates=out_gates, x_ablate=x_ablate, weight_layout=layout,
                       backend="triton")
+
+
+def test_autocast_follows_f_linear(fused, device):
+    """fp32 x and weight under bf16 autocast: computed and returned in bf16, as F.linear is."""
+    torch.manual_seed(9)
+    x = torch.randn(3, K, device=device, requires_grad=True)
+    w = torch.randn(N, K, device=device) / K**0.5
+    in_gates, out_gates = make_gates("Hno", K, N, device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = masked_linear(x, w, in_gates=in_gates, out_gates=out_gates, training=False, backend=fused)
+        y_ref = masked_linear(x.detach().bfloat16(), w.bfloat16(), in_gates=in_gates, out_gates=out_gates,
+                              training=False, backend="reference")
+        assert F.linear(x, w).dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), y_ref.float()) < 0.02
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

@@ -276,3 +276,26 @@ def test_deepcopy_of_a_patched_model_is_refused_and_both_stay_usable():
     with torch.no_grad():
         torch.testing.assert_close(clone(ids).logits, before)
         torch.testing.assert_close(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_autocast_mixed_precision(family, backend):
+    """fp32 weights under bf16 autocast, as most people train: the patched model runs in bf16 like the
+    unpatched one (all gates open: the same logits up to bf16 rounding), and the gates get finite gradients."""
+    model = tiny_model(family)
+    ids = tiny_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(ids).logits.float()
+    masks = npk.apply_node_pruning(model, backend=backend, init_log_alpha=10.0)
+    masks.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(ids).logits.float()
+    assert_close(after, before, torch.bfloat16, "open gates under autocast")
+    masks.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    grads = [la.grad for la in masks.log_alpha.values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    npk.remove_node_pruning(model)

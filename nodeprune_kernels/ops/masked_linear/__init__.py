@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ...utils.amp import autocast_inputs
 from ...utils.backend import resolve_backend
 from ...utils.checks import check_constant, check_kernel_dtype, check_like, check_seed_offset, check_shape
 from ..gate_stack import Gate, as_gates, stack_args
@@ -67,6 +68,9 @@ def masked_linear(
     (``fullgraph=True``) in the forward or the backward, and saves what the eager op saves. The reference
     weight and bias gradients are traced into the compiled backward too (supported, not a fallback). The
     non-finite check of the log_alphas, a data-dependent branch, runs inside the op when the graph runs.
+
+    Under ``torch.autocast`` the op runs in the autocast dtype, as ``F.linear`` does (x, weight, bias and the
+    ablation values are cast; the gates stay float32).
     """
     return masked_projection("masked_linear", x, weight, bias, feature_dims=1, in_gates=in_gates,
                              out_gates=out_gates, x_ablate=x_ablate, y_ablate=y_ablate, seed=seed, training=training,
@@ -82,6 +86,15 @@ def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates,
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: x and weight must be tensors")
+    t, no_autocast = autocast_inputs(x.device.type, dict(x=x, weight=weight, bias=bias, x_ablate=x_ablate,
+                                                          y_ablate=y_ablate))
+    with no_autocast:
+        return _masked_projection(op, **t, feature_dims=feature_dims, in_gates=in_gates, out_gates=out_gates,
+                                  seed=seed, training=training, weight_layout=weight_layout, backend=backend)
+
+
+def _masked_projection(op, x, weight, bias, x_ablate, y_ablate, *, feature_dims, in_gates, out_gates, seed,
+                       training, weight_layout, backend):
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"unknown weight_layout {weight_layout!r}; choose 'out_in' ([out, in], nn.Linear) or "
                          "'in_out' ([in, out], GPT-2 Conv1D)")

@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from ...utils.amp import autocast_inputs
 from ...utils.backend import resolve_backend
 from ...utils.checks import check_constant, check_kernel_dtype, check_like, check_seed_offset, check_shape
 from ..gate_stack import Gate, as_gates, stack_args
@@ -80,7 +81,27 @@ def masked_mlp(
     (``fullgraph=True``) in the forward or the backward, and saves what the eager op saves. The reference
     weight and bias gradients are traced into the compiled backward too (supported, not a fallback). The
     non-finite check of the log_alphas runs inside the op when the graph runs.
+
+    Under ``torch.autocast`` the op runs in the autocast dtype, as ``F.linear`` does (x, the weights, biases
+    and ablation values are cast; the gates stay float32).
     """
+    if isinstance(x, torch.Tensor):
+        t, no_autocast = autocast_inputs(x.device.type, dict(
+            x=x, up_weight=up_weight, down_weight=down_weight, gate_weight=gate_weight, up_bias=up_bias,
+            gate_bias=gate_bias, down_bias=down_bias, hidden_ablate=hidden_ablate, x_corrupt=x_corrupt))
+        with no_autocast:
+            return _masked_mlp(**t, activation=activation, in_gates=in_gates, out_gates=out_gates,
+                               cache_corrupt_hidden=cache_corrupt_hidden, seed=seed, training=training,
+                               weight_layout=weight_layout, backend=backend)
+    return _masked_mlp(x, up_weight, down_weight, gate_weight=gate_weight, up_bias=up_bias, gate_bias=gate_bias,
+                       down_bias=down_bias, activation=activation, in_gates=in_gates, out_gates=out_gates,
+                       hidden_ablate=hidden_ablate, x_corrupt=x_corrupt,
+                       cache_corrupt_hidden=cache_corrupt_hidden, seed=seed, training=training,
+                       weight_layout=weight_layout, backend=backend)
+
+
+def _masked_mlp(x, up_weight, down_weight, *, gate_weight, up_bias, gate_bias, down_bias, activation, in_gates,
+                out_gates, hidden_ablate, x_corrupt, cache_corrupt_hidden, seed, training, weight_layout, backend):
     op = "masked_mlp"
     if not all(isinstance(t, torch.Tensor) for t in (x, up_weight, down_weight)):
         raise TypeError(f"{op}: x, up_weight and down_weight must be tensors")

@@ -1,0 +1,24 @@
+"""Mixed precision: the masked ops follow autocast's rule for linear layers.
+
+Under ``torch.autocast(device_type, dtype)`` a linear layer runs in the autocast dtype whatever its inputs'
+and weights' dtypes (fp32 weights, bf16 activations is the usual mix). The masked ops do the same: their
+floating-point tensors (input, weights, biases, ablation values) are cast to the autocast dtype, as
+``F.linear`` casts them, and the op then runs with autocast off, so nothing inside it is cast twice. The
+gates' log_alphas are not cast: gates are always computed in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def autocast_inputs(device_type: str, tensors: dict) -> tuple[dict, contextlib.AbstractContextManager]:
+    """(tensors cast to the autocast dtype when autocast is on for ``device_type``, a context that turns it
+    off for the op's body); tensors unchanged and a null context otherwise. None entries stay None."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = {k: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for k, t in tensors.items()}
+    return cast, torch.autocast(device_type, enabled=False)
