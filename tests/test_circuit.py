@@ -1,4 +1,6 @@
 """Circuit: consistency both ways, counts, JSON round trip, summary, the CoFi-style cut."""
+import json
+
 import pytest
 import torch
 
@@ -94,3 +96,43 @@ def test_circuit_from_masks_threshold_and_expected_zeros():
     # the closed heads are the ones with the smallest log_alpha
     la = masks.log_alpha["head"].detach().flatten()
     assert set(torch.argsort(la)[:n_closed].tolist()) == set((~cz.kept["head"]).flatten().nonzero().flatten().tolist())
+
+
+def _circuit_dict():
+    g = torch.Generator().manual_seed(1)
+    kept = {"layer": torch.tensor([True, False]), "head": torch.rand(2, 4, generator=g) > 0.3,
+            "mlp_neuron": torch.rand(2, 40, generator=g) > 0.5}
+    return npk.Circuit(kept, DIMS, threshold=0.5, model_type="llama")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["kept"]["head"].pop(), r"kept\['head'\] must have one row per layer \(2\), got 1"),
+    (lambda d: d["kept"]["head"][0].append(-1), r"kept\['head'\]\[0\] has indices \[-1\] outside \[0, 4\)"),
+    (lambda d: d["kept"]["head"][1].append(4), r"kept\['head'\]\[1\] has indices \[4\] outside \[0, 4\)"),
+    (lambda d: d["kept"]["head"].__setitem__(0, [True, False, True, True]), r"kept\['head'\]\[0\] must be a list "
+     r"of kept indices \(ints\)"),
+    (lambda d: d["kept"]["head"][0].extend([0, 0]), r"kept\['head'\]\[0\] repeats an index"),
+    (lambda d: d["kept"].__setitem__("layer", [True, False]), r"kept\['layer'\] must be a list of kept indices"),
+    (lambda d: d["kept"].__setitem__("heads", [[0]]), r"kept\['heads'\]: unknown granularity"),
+    (lambda d: d.pop("dims"), "'dims' must be an object"),
+    (lambda d: d["dims"].pop("n_layers"), "'dims' is not a model's sizes"),
+])
+def test_malformed_circuit_files_name_the_key(tmp_path, edit, message):
+    d = json.loads(_circuit_dict().to_json())
+    edit(d)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=message) as e:
+        npk.Circuit.from_json(path)
+    assert str(path) in str(e.value)
+
+
+def test_circuit_format_2_round_trip_and_format_1_still_read():
+    c = _circuit_dict()
+    d = c.to_dict()
+    assert d["format"] == 2 and d["kept"]["layer"] == [0]  # indices for every granularity
+    assert npk.Circuit.from_dict(d) == c
+    old = dict(d, format=1, kept=dict(d["kept"], layer=[True, False]))
+    assert npk.Circuit.from_dict(old) == c
+    with pytest.raises(ValueError, match="not valid JSON"):
+        npk.Circuit.from_json("{broken")

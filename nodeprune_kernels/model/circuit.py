@@ -10,7 +10,7 @@ import torch
 from .families import ModelDims
 from .masks import GRANULARITIES, check_granularities, gate_shapes
 
-CIRCUIT_FORMAT = 1
+CIRCUIT_FORMAT = 2  # 2: every granularity as kept indices; 1 (still read): 1-D granularities as booleans
 _METHODS = ("threshold", "expected_zeros")
 
 
@@ -122,15 +122,17 @@ class Circuit:
 
     # ----------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
+        """Format 2: ``kept[g]`` lists the kept indices: of the layers for a per-layer granularity (layer, attn,
+        mlp), else per layer the kept indices within it."""
         kept = {}
         for g, t in self.kept.items():
-            kept[g] = t.tolist() if t.dim() == 1 else [row.nonzero().flatten().tolist() for row in t]
+            kept[g] = t.nonzero().flatten().tolist() if t.dim() == 1 else [row.nonzero().flatten().tolist()
+                                                                         for row in t]
         return {"format": CIRCUIT_FORMAT, "model_type": self.model_type, "threshold": self.threshold,
                 "dims": self.dims.to_dict(), "kept": kept}
 
     def to_json(self, path=None, indent: int | None = None) -> str:
-        """The circuit as JSON (1-D granularities as booleans per layer, the others as kept indices per
-        layer); written to ``path`` too when given."""
+        """The circuit as JSON (:meth:`to_dict`); written to ``path`` too when given."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
             with open(path, "w") as f:
@@ -138,32 +140,70 @@ class Circuit:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Circuit":
-        if data.get("format") != CIRCUIT_FORMAT:
-            raise ValueError(f"unknown circuit format {data.get('format')!r} (this version reads format "
+    def from_dict(cls, data: dict, source: str = "circuit") -> "Circuit":
+        """Read format 2 (or 1); every malformed entry is an error naming its key and what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt not in (1, CIRCUIT_FORMAT):
+            raise ValueError(f"{source}: unknown circuit format {fmt!r} (this version reads formats 1 and "
                              f"{CIRCUIT_FORMAT})")
-        dims = ModelDims(**data["dims"])
+        for key in ("dims", "kept"):
+            if not isinstance(data.get(key), dict):
+                raise ValueError(f"{source}: '{key}' must be an object, got {data.get(key)!r:.60}")
+        try:
+            dims = ModelDims(**data["dims"])
+        except TypeError as e:
+            raise ValueError(f"{source}: 'dims' is not a model's sizes ({e})") from None
         shapes = gate_shapes(dims)
+
+        def indices(v, size, where):
+            if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                raise ValueError(f"{source}: {where} must be a list of kept indices (ints), got {v!r:.60}")
+            bad = [i for i in v if not 0 <= i < size]
+            if bad:
+                raise ValueError(f"{source}: {where} has indices {bad[:5]} outside [0, {size})")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{source}: {where} repeats an index")
+            t = torch.zeros(size, dtype=torch.bool)
+            t[torch.tensor(v, dtype=torch.long)] = True
+            return t
+
         kept = {}
         for g, v in data["kept"].items():
-            check_granularities((g,))
+            try:
+                check_granularities((g,))
+            except ValueError as e:
+                raise ValueError(f"{source}: kept[{g!r}]: {e}") from None
+            L = dims.n_layers
             if len(shapes[g]) == 1:
-                kept[g] = torch.tensor(v, dtype=torch.bool)
+                if fmt == 1:  # booleans per layer
+                    if not isinstance(v, list) or len(v) != L or not all(isinstance(b, bool) for b in v):
+                        raise ValueError(f"{source}: kept[{g!r}] must be {L} booleans (format 1), got {v!r:.60}")
+                    kept[g] = torch.tensor(v, dtype=torch.bool)
+                else:
+                    kept[g] = indices(v, L, f"kept[{g!r}]")
             else:
-                t = torch.zeros(shapes[g], dtype=torch.bool)
-                for layer, idx in enumerate(v):
-                    t[layer, torch.tensor(idx, dtype=torch.long)] = True
-                kept[g] = t
+                if not isinstance(v, list) or len(v) != L:
+                    raise ValueError(f"{source}: kept[{g!r}] must have one row per layer ({L}), got "
+                                     f"{len(v) if isinstance(v, list) else type(v).__name__}")
+                kept[g] = torch.stack([indices(row, shapes[g][1], f"kept[{g!r}][{layer}]")
+                                       for layer, row in enumerate(v)])
         return cls(kept, dims, data.get("threshold"), data.get("model_type"))
 
     @classmethod
     def from_json(cls, text_or_path: "str | os.PathLike") -> "Circuit":
         """Read a circuit from JSON text or from a file path (a str or a ``pathlib.Path``)."""
-        text = text_or_path
+        text, source = text_or_path, "circuit JSON"
         if isinstance(text_or_path, os.PathLike) or not text_or_path.lstrip().startswith("{"):
+            source = str(text_or_path)
             with open(text_or_path) as f:
                 text = f.read()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source)
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Circuit) and self.dims == other.dims and self.kept.keys() == other.kept.keys()
