@@ -283,6 +283,9 @@ def test_resume_refuses_changed_data_and_junk_and_allows_another_backend(tmp_pat
     torch.save({"format": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="checkpoint format 1"):
         prune(model, data, cfg, run_dir=tmp_path, progress=False)
+    torch.save({"format": 2, "config": cfg.to_dict()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint lacks meta, step, log_alpha"):
+        prune(model, data, cfg, run_dir=tmp_path, progress=False)
     assert not npk.is_patched(model)
 
 

@@ -79,6 +79,10 @@ def load_checkpoint(run_dir: Path, config: PruneConfig, meta: dict) -> dict | No
         raise ValueError(f"{path}: checkpoint format {found!r}, this version writes {CHECKPOINT_FORMAT} (format 1 "
                          "runs drew their gate noise from another key and cannot be resumed exactly); delete it to "
                          "start the run afresh, or use another run directory")
+    missing = [k for k in ("config", "meta", "step", "log_alpha", "masks_step", "optimizer", "sparsity", "history")
+               if k not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}; delete it to start the run afresh")
     saved = PruneConfig.from_dict(state["config"]).to_dict()
     # every backend draws the same gates, so a run may resume on another one (e.g. native after reference)
     diff = {k: (saved[k], v) for k, v in config.to_dict().items() if saved.get(k) != v and k != "backend"}

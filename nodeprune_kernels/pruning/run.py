@@ -161,12 +161,19 @@ def _load_on_rank0(run_dir: Path, config: PruneConfig, meta: dict, rank: int, wo
     if rank == 0:
         try:
             state = outputs.load_checkpoint(run_dir, config, meta)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # any failure: every rank must raise, or the others wait forever
             error = e
     box = [state, None if error is None else (type(error), str(error))]
     dist.broadcast_object(box)
+    if error is not None:
+        raise error
     if box[1] is not None:
-        raise box[1][0](box[1][1])
+        kind, message = box[1]
+        try:
+            forwarded = kind(message)
+        except Exception:  # an exception type that cannot be built from its message alone
+            forwarded = RuntimeError(f"{kind.__name__}: {message}")
+        raise forwarded
     return box[0]
 
 
