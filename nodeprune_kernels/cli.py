@@ -205,10 +205,10 @@ def main(argv=None) -> int:
         try:
             from .tasks import get_task
 
-            get_task(args.task, **config.task_options)  # unknown tasks, bad options, before any model loads
+            task = get_task(args.task, **config.task_options)  # unknown tasks, bad options: before any model loads
         except (ValueError, KeyError) as e:
             parser.error(str(e).strip("'\""))
-        _prune_or_compare(args, config, dist.dist_info()[0])
+        _prune_or_compare(args, task, config, dist.dist_info()[0])
     finally:
         if started:
             import torch.distributed
@@ -217,13 +217,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _prune_or_compare(args, config: PruneConfig, rank: int) -> None:
+def _prune_or_compare(args, task, config: PruneConfig, rank: int) -> None:
     model, tokenizer = load_model(args.model, config.dtype, args.device)
     progress = not args.no_progress
     if args.command == "prune":
         from .pruning.run import prune
 
-        result = prune(model, args.task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
+        result = prune(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
         if rank == 0:
             print(result.summary())
             print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots "
@@ -231,6 +231,6 @@ def _prune_or_compare(args, config: PruneConfig, rank: int) -> None:
         return
     from .pruning.compare import compare_coarse_fine, format_comparison
 
-    cmp = compare_coarse_fine(model, args.task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
+    cmp = compare_coarse_fine(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
     if rank == 0:
         print(format_comparison(cmp))

@@ -56,6 +56,14 @@ MAX_RUN_SEED = 2**31  # run seeds are in [0, MAX_RUN_SEED); steps in [0, MAX_STE
 MAX_STEPS = 2**32
 
 
+def check_run_seed(seed) -> None:
+    """A run's seed must be an int in [0, MAX_RUN_SEED): :func:`step_seed` puts it in the Philox key's high
+    32-bit word."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_RUN_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**31) (the gate noise's Philox key holds the seed and the "
+                         f"step, 32 bits each), got {seed!r}")
+
+
 def step_seed(seed: int, step: int) -> int:
     """The Philox key of training step ``step`` of a run seeded ``seed``: ``seed * 2**32 + step``.
 
@@ -99,9 +107,7 @@ class NodeMasks(nn.Module):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_RUN_SEED:
-            raise ValueError(f"seed must be an int in [0, 2**31) (the Philox key holds the seed and the step, "
-                             f"32 bits each), got {seed!r}")
+        check_run_seed(seed)
         self.granularities = check_granularities(granularities)
         self.dims, self.family, self.ablation, self.backend = dims, family, ablation, backend
         self.seed, self.step = seed, 0

@@ -58,7 +58,7 @@ class _Patch:
             for p in model.parameters():
                 p.requires_grad_(False)
         self.hook = model.register_forward_pre_hook(self.masks._advance)
-        for module in {id(m): m for m in (model, *(m for m, _ in self.forwards))}.values():
+        for module in (model, *(m for m, _ in self.forwards)):
             module.__dict__["__deepcopy__"] = _refuse_deepcopy
 
     def uninstall(self, model: nn.Module) -> None:

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..model.masks import ABLATIONS, GRANULARITIES, check_granularities
+from ..model.masks import ABLATIONS, GRANULARITIES, check_granularities, check_run_seed
 from ..utils.backend import BACKENDS
 from .objectives import check_objective
 from .sparsity import SPARSITY_MODES, Sparsity
@@ -91,9 +91,7 @@ class PruneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed must be an int in [0, 2**31) (the gate noise's Philox key holds the seed and the "
-                             f"step, 32 bits each), got {self.seed!r}")
+        check_run_seed(self.seed)
         if not math.isfinite(float(self.init_log_alpha)):
             raise ValueError(f"init_log_alpha must be finite, got {self.init_log_alpha}")
         if not (math.isfinite(float(self.init_std)) and float(self.init_std) >= 0):

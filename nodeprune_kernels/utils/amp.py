@@ -13,12 +13,14 @@ import contextlib
 import torch
 
 
-def autocast_inputs(device_type: str, tensors: dict) -> tuple[dict, contextlib.AbstractContextManager]:
-    """(tensors cast to the autocast dtype when autocast is on for ``device_type``, a context that turns it
-    off for the op's body); tensors unchanged and a null context otherwise. None entries stay None."""
-    if not torch.is_autocast_enabled(device_type):
+def autocast_inputs(tensors: dict) -> tuple[dict, contextlib.AbstractContextManager]:
+    """(``tensors`` cast to the autocast dtype when autocast is on for the device of ``tensors["x"]``, a
+    context that turns it off for the op's body); the tensors unchanged and a null context otherwise (also
+    when x is not a tensor: the op's own checks then say so). None entries stay None."""
+    x = tensors["x"]
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return tensors, contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(x.device.type)
     cast = {k: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for k, t in tensors.items()}
-    return cast, torch.autocast(device_type, enabled=False)
+    return cast, torch.autocast(x.device.type, enabled=False)

@@ -154,6 +154,16 @@ def feature_gates(levels, n_features: int, device, *, seed: int, training: bool)
     return z
 
 
+def stack_gates(spec, las, n_in: int, n_out: int, device) -> tuple:
+    """(z_in [n_in], z_out [n_out], input levels, output levels) of an op's two gate stacks (a
+    :class:`~nodeprune_kernels.ops.gate_stack.StackSpec` and its log_alphas): each stack sampled once by
+    :func:`feature_gates` (None for an empty one), with the levels :func:`level_grads` needs."""
+    in_levels, out_levels = spec.levels(las)
+    kw = dict(seed=spec.seed, training=spec.training)
+    return (feature_gates(in_levels, n_in, device, **kw), feature_gates(out_levels, n_out, device, **kw),
+            in_levels, out_levels)
+
+
 def fold_weight(weight: torch.Tensor, z: torch.Tensor | None, *, out_in: bool, side: str) -> torch.Tensor:
     """W with the gate vector ``z`` folded into its input (``side="in"``) or output (``"out"``) features, in
     W's dtype (:func:`transient_dtype`) and layout: a transient of W's size that a GEMM reads as a plain operand. W itself when z is

@@ -86,8 +86,7 @@ def masked_projection(op, x, weight, bias, *, feature_dims, in_gates, out_gates,
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: x and weight must be tensors")
-    t, no_autocast = autocast_inputs(x.device.type, dict(x=x, weight=weight, bias=bias, x_ablate=x_ablate,
-                                                          y_ablate=y_ablate))
+    t, no_autocast = autocast_inputs(dict(x=x, weight=weight, bias=bias, x_ablate=x_ablate, y_ablate=y_ablate))
     with no_autocast:
         return _masked_projection(op, **t, feature_dims=feature_dims, in_gates=in_gates, out_gates=out_gates,
                                   seed=seed, training=training, weight_layout=weight_layout, backend=backend)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ...utils.alloc import empty
-from ..gated_gemm import (choose_split, feature_gates, fold_weight, gated_matmul, level_grads, tensor_operand,
+from ..gated_gemm import (choose_split, fold_weight, gated_matmul, level_grads, stack_gates, tensor_operand,
                           transient_dtype, vector_operand, weight_operand)
 
 
@@ -38,18 +38,10 @@ def _delta(x, x_ablate, spec, M):
     return tensor_operand(d, M, spec.n_in, split), split
 
 
-def _gates(las, spec, device):
-    """(z_in [K], z_out [N]) float32 gate vectors (None for an empty stack), and the levels."""
-    in_levels, out_levels = spec.levels(las)
-    kw = dict(seed=spec.seed, training=spec.training)
-    return (feature_gates(in_levels, spec.n_in, device, **kw), feature_gates(out_levels, spec.n_out, device, **kw),
-            in_levels, out_levels)
-
-
 def forward(x, weight, bias, x_ablate, y_ablate, las, spec) -> torch.Tensor:
     """y' = y_c + z_out * ((x - x_c) (W diag(z_in))^T), [..., N] in x's dtype."""
     K, N = spec.n_in, spec.n_out
-    z_in, z_out, _, _ = _gates(las, spec, x.device)
+    z_in, z_out, _, _ = stack_gates(spec, las, spec.n_in, spec.n_out, x.device)
     lead = x.shape[:x.dim() - spec.feature_dims]
     M = x.numel() // K if K else lead.numel()
     if y_ablate is not None:
@@ -75,7 +67,7 @@ def backward(dy, x, weight, x_ablate, las, spec, need_dx: bool, need_las) -> lis
     """[dx if ``need_dx``] + [d log_alpha of each level whose ``need_las`` flag is set], recomputing what
     the forward did not save."""
     K, N = spec.n_in, spec.n_out
-    z_in, z_out, in_levels, out_levels = _gates(las, spec, dy.device)
+    z_in, z_out, in_levels, out_levels = stack_gates(spec, las, spec.n_in, spec.n_out, dy.device)
     n_lvl_in = len(in_levels)
     need_in, need_out = need_las[:n_lvl_in], need_las[n_lvl_in:]
     M = dy.numel() // N if N else x.numel() // max(K, 1)

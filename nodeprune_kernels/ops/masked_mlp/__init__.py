@@ -85,19 +85,13 @@ def masked_mlp(
     Under ``torch.autocast`` the op runs in the autocast dtype, as ``F.linear`` does (x, the weights, biases
     and ablation values are cast; the gates stay float32).
     """
-    if isinstance(x, torch.Tensor):
-        t, no_autocast = autocast_inputs(x.device.type, dict(
-            x=x, up_weight=up_weight, down_weight=down_weight, gate_weight=gate_weight, up_bias=up_bias,
-            gate_bias=gate_bias, down_bias=down_bias, hidden_ablate=hidden_ablate, x_corrupt=x_corrupt))
-        with no_autocast:
-            return _masked_mlp(**t, activation=activation, in_gates=in_gates, out_gates=out_gates,
-                               cache_corrupt_hidden=cache_corrupt_hidden, seed=seed, training=training,
-                               weight_layout=weight_layout, backend=backend)
-    return _masked_mlp(x, up_weight, down_weight, gate_weight=gate_weight, up_bias=up_bias, gate_bias=gate_bias,
-                       down_bias=down_bias, activation=activation, in_gates=in_gates, out_gates=out_gates,
-                       hidden_ablate=hidden_ablate, x_corrupt=x_corrupt,
-                       cache_corrupt_hidden=cache_corrupt_hidden, seed=seed, training=training,
-                       weight_layout=weight_layout, backend=backend)
+    t, no_autocast = autocast_inputs(dict(x=x, up_weight=up_weight, down_weight=down_weight, gate_weight=gate_weight,
+                                          up_bias=up_bias, gate_bias=gate_bias, down_bias=down_bias,
+                                          hidden_ablate=hidden_ablate, x_corrupt=x_corrupt))
+    with no_autocast:
+        return _masked_mlp(**t, activation=activation, in_gates=in_gates, out_gates=out_gates,
+                           cache_corrupt_hidden=cache_corrupt_hidden, seed=seed, training=training,
+                           weight_layout=weight_layout, backend=backend)
 
 
 def _masked_mlp(x, up_weight, down_weight, *, gate_weight, up_bias, gate_bias, down_bias, activation, in_gates,

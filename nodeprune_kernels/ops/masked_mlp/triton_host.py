@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...utils.alloc import empty
-from ..gated_gemm import (feature_gates, fold_weight, gated_matmul, hidden_delta, hidden_operand, level_grads,
+from ..gated_gemm import (fold_weight, gated_matmul, hidden_delta, hidden_operand, level_grads, stack_gates,
                           tensor_operand, vector_operand, weight_operand)
 from .function import corrupted_hidden, pre_lin, project, rows
 from .reference import ACT_IDS
@@ -31,18 +31,11 @@ def _hidden_ablation(hidden_ablate, pre_lin_c, h_cached, M, Fh):
     return None
 
 
-def _gates(las, spec, device):
-    in_levels, out_levels = spec.levels(las)
-    kw = dict(seed=spec.seed, training=spec.training)
-    return (feature_gates(in_levels, spec.d_ff, device, **kw), feature_gates(out_levels, spec.d_model, device, **kw),
-            in_levels, out_levels)
-
-
 def forward(x, up_w, down_w, gate_w, up_b, gate_b, down_b, hidden_ablate, x_corrupt, las, spec):
     """(y' [..., d_model], pre, lin or None, h_c or None): y' and what the backward keeps, pre and lin
     [..., d_ff] (lin for a gated MLP only), and the corrupted hidden units when ``cache_corrupt_hidden``."""
     D, Fh = spec.d_model, spec.d_ff
-    z_in, z_out, _, _ = _gates(las, spec, x.device)
+    z_in, z_out, _, _ = stack_gates(spec, las, spec.d_ff, spec.d_model, x.device)
     act = dict(act=ACT_IDS[spec.activation], glu=gate_w is not None)
     pre, lin = pre_lin(x, up_w, gate_w, up_b, gate_b, spec)
     M = x.shape[:-1].numel()
@@ -73,7 +66,7 @@ def backward(dy, pre, lin, up_w, down_w, gate_w, up_b, gate_b, hidden_ablate, x_
     """[dx if ``need_dx``] + [d log_alpha of each level whose ``need_las`` flag is set], with h rebuilt from
     the saved pre-activations."""
     D, Fh = spec.d_model, spec.d_ff
-    z_in, z_out, in_levels, out_levels = _gates(las, spec, dy.device)
+    z_in, z_out, in_levels, out_levels = stack_gates(spec, las, spec.d_ff, spec.d_model, dy.device)
     n_lvl_in = len(in_levels)
     need_in, need_out = need_las[:n_lvl_in], need_las[n_lvl_in:]
     act = dict(act=ACT_IDS[spec.activation], glu=gate_w is not None)
