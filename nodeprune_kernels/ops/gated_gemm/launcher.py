@@ -113,7 +113,7 @@ def gemm_config(dtype, M, R, C, epilogue=0):
     (128 x 128 x 64, 8 warps, 3 stages) serves every launch but the heaviest epilogue (the MLP's activation
     backward with a second tensor or an ablation), which narrows the output tile to 64 so it does not spill.
     Chosen so that no build spills registers on sm_90 or sm_80 and shared memory fits both (checked by
-    tests/test_compile.py); not yet tuned on a GPU (DESIGN: autotune there, one config here).
+    tests/test_compile.py); not yet tuned on a GPU (autotune there; the interpreter takes one config).
     ``epilogue``: 0 a plain store, 1 gating sums, 2 the MLP's activation backward."""
     if interpreter_configs():  # every program instance costs ~ms there: few, large tiles
         return dict(BLOCK_M=_pow2(M, 16, 64), BLOCK_C=_pow2(C, 16, 64), BLOCK_R=_pow2(R, 16, 64), GROUP_M=8,
