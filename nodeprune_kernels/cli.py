@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     _common(p)
     p = sub.add_parser("show", help="print a finished run's circuit and metrics, redraw its plots")
     p.add_argument("run_dir")
+    p.add_argument("--html", action="store_true", help="also write RUN_DIR/circuit.html, the interactive circuit "
+                   "viewer (one self-contained page), and print its path")
     p = sub.add_parser("demo", help="prune the shipped induction model and check its circuit (~1 min on CPU)")
     p.add_argument("--out", default=None, help="also write the run here")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
@@ -184,6 +186,13 @@ def main(argv=None) -> int:
             print("plots:", ", ".join(str(p) for p in plot_run(args.run_dir)))
         except ImportError as e:  # as prune does: the report stands without its plots
             print(f"plots not drawn ({e}); install matplotlib to draw them", file=sys.stderr)
+        if args.html:
+            from .pruning.viewer import write_html
+
+            try:
+                print("viewer:", write_html(args.run_dir))
+            except (FileNotFoundError, ValueError) as e:
+                parser.error(str(e))
         return 0
     if args.command == "demo":
         from .demo import demo_config, run_demo
@@ -226,7 +235,7 @@ def _prune_or_compare(args, task, config: PruneConfig, rank: int) -> None:
         result = prune(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
         if rank == 0:
             print(result.summary())
-            print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots "
+            print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots, circuit.html "
                   f"(`nodeprune show {args.out}`)")
         return
     from .pruning.compare import compare_coarse_fine, format_comparison

@@ -7,6 +7,7 @@
     <run_dir>/metrics.json       held-out metrics, kept fractions, the faithfulness curve
     <run_dir>/history.json       the training log
     <run_dir>/*.png              plots (nodeprune_kernels.pruning.report)
+    <run_dir>/circuit.html       the interactive circuit viewer, one self-contained page (pruning.viewer)
 
 Files are written to a temporary name and renamed, so a kill never leaves half a checkpoint.
 """
@@ -110,7 +111,7 @@ def restore(state: dict, masks, opt, sparsity, lambda_opt) -> tuple:
 
 
 def write_results(run_dir: Path, result) -> None:
-    """circuit.json, metrics.json (with the curve), history.json, gates.safetensors, and the plots."""
+    """circuit.json, metrics.json (with the curve), history.json, gates.safetensors, the plots and circuit.html."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic(run_dir / "circuit.json", lambda p: result.circuit.to_json(p))
     write_json(run_dir / "metrics.json", {"metrics": result.metrics, "curve": result.curve})
@@ -123,3 +124,10 @@ def write_results(run_dir: Path, result) -> None:
     except Exception as e:  # plots are a convenience; the results above are written
         warnings.warn(f"could not draw the run's plots ({type(e).__name__}: {e}); `nodeprune show {run_dir}` "
                       "retries", stacklevel=2)
+    try:
+        from .viewer import write_html
+
+        write_html(run_dir)
+    except Exception as e:  # the page is a convenience too: warn, keep the run
+        warnings.warn(f"could not write {run_dir / 'circuit.html'} ({type(e).__name__}: {e}); `nodeprune show "
+                      f"{run_dir} --html` retries", stacklevel=2)
