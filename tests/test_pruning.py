@@ -156,7 +156,7 @@ def test_prune_writes_a_run(tmp_path, ablation):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())  # restored as they were
     for name in ("config.json", "checkpoint.pt", "gates.safetensors", "circuit.json", "metrics.json",
-                 "history.json", "training.png", "circuit.png", "curve.png"):
+                 "history.json", "training.png", "circuit.png", "curve.png", "circuit.html"):
         assert (tmp_path / name).is_file(), name
     assert npk.Circuit.from_json(str(tmp_path / "circuit.json")) == res.circuit
     gates = load_gates(tmp_path / "gates.safetensors")
