@@ -1,8 +1,8 @@
 """NodeMasks: the gates of a patched model, their modes, and the ablation values closed nodes take.
 
-One log_alpha tensor per granularity (DESIGN.md section 3), every gate with one global Philox index
-(granularity, layer, position), laid out in the fixed order of ``GRANULARITIES`` over all granularities,
-so a gate draws the same noise whichever other granularities are enabled, on every backend.
+One log_alpha tensor per granularity (docs/design.md, sections 1 and 3), every gate with one global Philox
+index (granularity, layer, position), laid out in the fixed order of ``GRANULARITIES`` over all
+granularities, so a gate draws the same noise whichever other granularities are enabled, on every backend.
 """
 from __future__ import annotations
 
@@ -236,10 +236,10 @@ class NodeMasks(nn.Module):
 
         On entry the unmasked model runs once on the corrupted batch (the keyword arguments of the model's
         forward, e.g. ``input_ids=..., attention_mask=...``), without grad, and keeps per layer the attention
-        output (H*d_head values per token) and the MLP input (d_model values per token): DESIGN.md's
-        budget. Forward passes inside the block then use them; the clean batch must have the same shape.
-        With gradient checkpointing, call ``backward()`` inside the block too (recomputed layers need the
-        corrupted values).
+        output (H*d_head values per token) and the MLP input (d_model values per token): the interchange
+        budget of docs/design.md, section 7. Forward passes inside the block then use them; the clean batch
+        must have the same shape. With gradient checkpointing, call ``backward()`` inside the block too
+        (recomputed layers need the corrupted values).
         """
         if self.ablation != "interchange":
             raise RuntimeError(f"masks.interchange(...) needs ablation='interchange'; these masks use "

@@ -45,7 +45,7 @@ def objective_sum(objective: str, logits: torch.Tensor, full_logits: torch.Tenso
                   distractor: torch.Tensor) -> torch.Tensor:
     """The objective summed over the P positions.
 
-    kl: KL(full model || circuit) of the next-token distributions (the default; DESIGN.md section 1).
+    kl: KL(full model || circuit) of the next-token distributions (the default; docs/design.md, section 8).
     logit_diff: squared difference between the circuit's and the full model's logit difference (target minus
         distractor): the circuit keeps the task behaviour at the full model's strength.
     ce: cross-entropy of the circuit on the target tokens.

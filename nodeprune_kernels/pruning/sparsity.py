@@ -1,7 +1,7 @@
 """Sparsity pressure on the gates: a fixed penalty per granularity, or a target with Lagrange multipliers.
 
 The expected sparsity of a granularity is one minus the mean probability that its gates are non-zero,
-``s_g = 1 - mean(expected_l0(log_alpha_g))`` (DESIGN.md section 2): a number in [0, 1] whatever the
+``s_g = 1 - mean(expected_l0(log_alpha_g))`` (docs/design.md, section 8): a number in [0, 1] whatever the
 granularity's size, so penalties and targets mean the same at every granularity.
 
 * ``"penalty"`` (the paper's form): ``sum_g lambda_g * mean(expected_l0_g)``, fixed lambdas.

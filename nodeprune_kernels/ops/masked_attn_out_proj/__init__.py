@@ -35,7 +35,7 @@ def masked_attn_out_proj(
     ``out.transpose(1, 2)``, with no copy; the backward saves a reference to it, which is the same storage
     the attention kernel keeps for its own backward, so the gates add no saved activations.
 
-    The nested gates of one layer's attention are one ``in_gates`` stack (DESIGN.md section 3), for example
+    The nested gates of one layer's attention are one ``in_gates`` stack (docs/design.md, section 3), for example
     ``[Gate(layer_la, H * D, layer_index), Gate(attn_la, H * D, block_index), Gate(head_la, D, head_offset),
     Gate(neuron_la, 1, neuron_offset)]`` with head_la of shape [H] and neuron_la of shape [H * D]. With
     grouped-query attention the output still has one slice per query head: H is the number of query heads,

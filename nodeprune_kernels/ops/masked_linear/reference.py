@@ -3,7 +3,7 @@
     y' = y_c + z_out * (((x - x_c) * z_in) W^T),   y_c = x_c W^T + b
 
 with z_in / z_out the product over the levels of a gate stack, each level's gate broadcast over
-contiguous groups of features (DESIGN.md section 4). Autograd differentiates everything here.
+contiguous groups of features (docs/design.md, section 4). Autograd differentiates everything here.
 """
 from __future__ import annotations
 
