@@ -239,7 +239,8 @@ svg text { font: 11px system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-
 #curve { display: flex; gap: 28px; flex-wrap: wrap; align-items: flex-start; }
 #curve-table { width: auto; min-width: 260px; }
 .curve-legend { display: flex; gap: 14px; flex-wrap: wrap; align-items: center; margin: 4px 0 0 56px; }
-.curve-legend .swatch { display: inline-block; width: 18px; height: 3px; margin-right: -8px; vertical-align: 3px; }
+.curve-legend .swatch { display: inline-block; width: 20px; height: 3px; margin-right: 6px; vertical-align: 3px; }
+.curve-legend .swatch.dashed { background: repeating-linear-gradient(90deg, #d9822b 0 5px, transparent 5px 8px) !important; }
 pre { font-size: 12px; margin: 8px 0 0; white-space: pre-wrap; }
 summary { cursor: pointer; font-weight: 600; }
 """
@@ -368,10 +369,11 @@ function grid() {
 }
 
 // ------------------------------------------------------------------------------------ the detail panel
-function keptSet(bits, n) {
-  const cols = n <= 64 ? n : (n <= 2048 ? 64 : 128);
-  const size = Math.max(3, Math.min(14, Math.floor(480 / cols)));
-  const rows = Math.ceil(n / cols), ratio = window.devicePixelRatio || 1;
+function keptSet(bits, n, width) {
+  // one square per neuron, in rows filling the panel's width: about 120 px of rows, squares 2 to 14 px
+  const size = Math.max(2, Math.min(14, Math.floor(Math.sqrt(width * 120 / n))));
+  const cols = Math.min(n, Math.floor(width / size)), rows = Math.ceil(n / cols);
+  const ratio = window.devicePixelRatio || 1;
   const canvas = el("canvas", {"aria-label": "kept neurons"});
   canvas.width = cols * size * ratio;
   canvas.height = rows * size * ratio;
@@ -428,7 +430,7 @@ function select(id) {
     sec.append(el("h4", {text: n.granularity}));
     sec.append(el("p", {class: "count"}, el("span", {class: "kept", text: String(n.kept)}), " of ",
                   el("span", {class: "total", text: String(n.total)}), " kept (" + pct(n.kept / n.total) + ")"));
-    sec.append(keptSet(unpack(n.bits, n.total), n.total));
+    sec.append(keptSet(unpack(n.bits, n.total), n.total, Math.max(200, panel.clientWidth - 24)));
     if (n.hist) {
       sec.append(el("p", {class: "note", text: "deterministic gate values of these " + n.total + " neurons" +
                           (DATA.threshold === null ? "" : " (dashed: the threshold " + DATA.threshold + ")")}));
@@ -522,9 +524,10 @@ function curve() {
   for (const [key, , colour] of series) {
     const mark = el("span", {class: "swatch"});
     mark.style.background = colour;
-    legend.append(mark, key === "kl" ? "KL to the full model (left axis)" : "accuracy (right axis)");
+    if (key !== "kl") mark.classList.add("dashed");
+    legend.append(el("span", {}, mark, key === "kl" ? "KL to the full model (left axis)" : "accuracy (right axis)"));
   }
-  legend.append("dashed line: the circuit, " + pct(DATA.nodes_kept) + " of the gated nodes");
+  legend.append(el("span", {text: "grey dashes: the circuit, " + pct(DATA.nodes_kept) + " of the gated nodes kept"}));
   const table = el("table", {class: "data", id: "curve-table"},
                    el("tr", {}, el("th", {text: "nodes kept"}), el("th", {text: "KL"}), el("th", {text: "accuracy"})));
   for (const p of pts.slice().reverse())
