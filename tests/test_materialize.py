@@ -110,16 +110,20 @@ def test_materialized_logits_equal_the_circuit(family, case, monkeypatch):
 # Parameters removed, by hand. Per removed query head: its D q rows (+bias) and D o_proj input columns; per
 # removed kv head: D k rows and D v rows (+bias); per removed hidden unit: its gate and up rows (+bias) and its
 # down column. The down / o_proj biases stay. "partial" removes query head 1 of layer 0 only without GQA (with
-# GQA it stays as a filler), query heads 2, 3 and kv head 1 of layer 1, and 3 + 4 hidden units.
+# GQA it stays as a filler), query heads 2, 3 and kv head 1 of layer 1, and 3 + 4 hidden units. Cohere's
+# per-head q/k norms lose D weights per removed head; OLMo-2 (q/k norms over all heads) removes no head.
 def _removed(family, case):
-    attn_bias = family in ("llama", "gpt2", "gpt_neox")  # the tiny llama has attention_bias and mlp_bias
-    mlp_bias = family in ("llama", "gpt2", "gpt_neox")
-    gated = family not in ("gpt2", "gpt_neox")  # gate + up rows per hidden unit (Phi-3's fused gate_up too)
+    attn_bias = family in ("llama", "gpt2", "gpt_neox", "phi")  # the tiny llama has attention_bias and mlp_bias
+    mlp_bias = family in ("llama", "gpt2", "gpt_neox", "phi", "gptj")
+    gated = family not in ("gpt2", "gpt_neox", "phi", "gptj")  # gate + up rows per unit (Phi-3's fused gate_up too)
     row = D_MODEL + attn_bias  # one q/k/v output row
-    q_head = D * row + D * D_MODEL  # q rows + o_proj columns
-    kv_head = 2 * D * row
+    norm = D if family == "cohere" else 0  # a head's row of q_norm / k_norm
+    q_head = D * row + D * D_MODEL + norm  # q rows + o_proj columns
+    kv_head = 2 * D * row + norm
     unit = (2 if gated else 1) * (D_MODEL + mlp_bias) + D_MODEL
-    gqa = family not in ("gpt2", "gpt_neox")
+    gqa = family not in ("gpt2", "gpt_neox", "gptj")
+    if family == "olmo2":
+        q_head = kv_head = 0
     if case == "partial":
         heads = 2 * q_head + kv_head if gqa else 3 * (q_head + kv_head)
         return heads + 7 * unit
@@ -131,7 +135,7 @@ def _removed(family, case):
 
 
 @pytest.mark.parametrize("case", ["partial", "blocks"])
-@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gpt_neox", "olmo2", "phi", "gptj", "cohere"])
 def test_parameter_count_by_hand(family, case):
     model, masks = patched(family, case)
     small = materialize(model, masks.circuit(), verbose=False)
@@ -185,6 +189,67 @@ def test_gpt2_and_phi3_attributes():
     assert a0.config is small.config and small.config.num_attention_heads == 4  # layer 0 keeps 4 (a filler)
     assert a1.config is not small.config and (a1.config.num_attention_heads, a1.num_key_value_heads) == (2, 1)
     assert a1.qkv_proj.out_features == 16 + 8 + 8
+
+
+def test_olmo2_keeps_every_head_and_zeroes_the_closed_ones():
+    """OLMo-2's q_norm / k_norm are RMSNorms over all heads' features at once: the heads' mean square sets every
+    head's scale, so cutting a head out would change the others. materialize keeps all heads and zeroes the
+    closed heads' o_proj columns."""
+    model, masks = patched("olmo2", "partial")
+    small = materialize(model, masks.circuit(), verbose=False)
+    for layer, closed in zip(small.model.layers, ([1], [2, 3])):
+        a = layer.self_attn
+        assert (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features) == (H * D, 2 * D, 2 * D)
+        assert (a.q_norm.weight.numel(), a.k_norm.weight.numel(), a.num_key_value_groups) == (H * D, 2 * D, 2)
+        for h in closed:
+            assert torch.all(a.o_proj.weight[:, h * D:(h + 1) * D] == 0)
+    assert small.config.nodeprune_layers[1]["num_attention_heads"] == H
+
+    # why: the queries of the heads kept, computed without the closed heads, are not what the model computes
+    attn = model.model.layers[1].self_attn
+    x = torch.randn(3, D_MODEL)
+    with torch.no_grad():
+        q = attn.q_norm(attn.q_proj(x))[:, :2 * D]
+        q_alone = torch.nn.functional.rms_norm(attn.q_proj(x)[:, :2 * D], (2 * D,), attn.q_norm.weight[:2 * D],
+                                               attn.q_norm.variance_epsilon)
+    assert not torch.allclose(q, q_alone, atol=1e-3)
+
+
+def test_cohere_keeps_the_per_head_norm_rows_of_its_kept_heads():
+    model, masks = patched("cohere", "partial")
+    small = materialize(model, masks.circuit(), verbose=False)
+    orig, cut = model.model.layers[1].self_attn, small.model.layers[1].self_attn  # layer 1 keeps heads 0, 1
+    assert cut.q_norm.weight.shape == (2, D) and torch.equal(cut.q_norm.weight, orig.q_norm.weight[:2])
+    assert cut.k_norm.weight.shape == (1, D) and torch.equal(cut.k_norm.weight, orig.k_norm.weight[:1])
+    assert small.model.layers[0].self_attn.q_norm.weight.shape == (H, D)  # layer 0: head 1 stays as a filler
+
+    model = tiny_model("cohere")  # without use_qk_norm (Command-R v01) there is no norm to cut
+    for layer in model.model.layers:
+        layer.self_attn.use_qk_norm = False
+        del layer.self_attn.q_norm, layer.self_attn.k_norm
+    masks = apply_node_pruning(model, backend="reference")
+    close(masks, "partial")
+    circuit, ids = masks.eval().circuit(), tiny_batch()
+    assert_logits_close(logits(materialize(model, circuit, verbose=False), ids), logits(model, ids, masks, circuit))
+
+
+def test_a_per_head_norm_of_another_layout_is_refused(monkeypatch):
+    """A family registered with per-head q/k norms whose norm weights are not one row per head: an error
+    naming the norm, not a silently wrong cut (here OLMo-2's norms, which span all heads)."""
+    import nodeprune_kernels.model.families as families
+
+    model, masks = patched("olmo2", "partial")
+    wrong = dataclasses.replace(families.REGISTRY["olmo2"], qk_norm="per_head")
+    monkeypatch.setitem(families.REGISTRY, "olmo2", wrong)
+    with pytest.raises(NotImplementedError, match=r"olmo2's q_norm.weight has shape \(32,\), not one row per head"):
+        materialize(model, masks.circuit(), verbose=False)
+
+
+def test_an_unknown_qk_norm_kind_is_refused():
+    from nodeprune_kernels.model.families import Family
+
+    with pytest.raises(ValueError, match="qk_norm must be one of"):
+        Family("mine", ("mine",), layers="model.layers", qk_norm="full")
 
 
 def test_unpatched_model():

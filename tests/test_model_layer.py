@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nodeprune_kernels as npk
-from nodeprune_kernels.model.families import family_of
+from nodeprune_kernels.model.families import REGISTRY, family_of
 from tiny_models import FAMILY_NAMES, tiny_batch, tiny_model
 
 from helpers import assert_close
@@ -227,6 +227,24 @@ def test_mean_ablation_is_patching_with_means(family):
     means = masks.estimate_means(batches)
     assert_close(means["attn"], torch.stack(attn_mu).float(), torch.float32, "attention means")
     assert_close(means["mlp"], torch.stack(hid_mu).float(), torch.float32, "hidden means")
+    assert_close(logits(model, ids), ref, torch.float32, family)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILY_NAMES if REGISTRY[f].mlp_dropout])  # TINY: by model_type
+def test_the_mlp_dropout_follows_the_masked_mlp(family):
+    """GPT-2 and GPT-J apply a dropout inside the MLP, after its down projection: the patched MLP applies it
+    too. With p=1 it drops the whole MLP output, so the MLP's contribution must vanish in training mode."""
+    model = tiny_model(family)
+    ids = tiny_batch()
+    fam = family_of(model)
+    eval_logits = logits(model, ids)
+    for layer in fam.decoder_layers(model):
+        getattr(fam.mlp_module(layer), fam.mlp_dropout).p = 1.0
+    model.train()
+    ref = logits(model, ids)
+    assert not torch.allclose(ref, eval_logits, atol=1e-3)
+    masks = npk.apply_node_pruning(model, ["mlp_neuron"], backend="reference")
+    masks.eval()  # deterministic gates, all exactly 1
     assert_close(logits(model, ids), ref, torch.float32, family)
 
 

@@ -42,17 +42,29 @@ def training_step_per_run(family, runs, ids, seed, gates64=False):
     return results
 
 
+# The finer gates a block or layer gate's gradient is made of: z_attn dL/dz_attn = sum_h z_h dL/dz_h, etc.
+PARTS = {"layer": ("head", "mlp_neuron"), "attn": ("head",), "mlp": ("mlp_neuron",)}
+
+
 def assert_grads_like_reference(g, g32, g64, what, floor=GATE_GRAD_TOL[torch.float32]):
     """Each log_alpha gradient against float64: as close as ``floor``, or twice the eager reference's error
     in the same dtype (a block or layer gate's gradient is one sum over every token and feature, with
-    cancellation, so its rounding error depends on the sample)."""
+    cancellation, so its rounding error depends on the sample).
+
+    Errors are relative to the gradient's norm, or for a block or layer gate to the largest of its own and
+    its parts' (PARTS): its rounding error is set by the size of the terms it sums, and the sum can nearly
+    vanish. It does in OLMo-2, whose norms after the attention and the MLP take out the block's scale, which
+    is all a block gate changes (seen: an attention gate's gradient of 8e-5 beside its heads' 1.9e-2)."""
     assert sum(int((t != 0).sum()) for t in g64.values()) > 0
     for name in g64:
         if not g64[name].any():  # every gate of the granularity clamped at 0 or 1 in this sample
             assert not g[name].any(), name
             continue
-        tol = max(floor, 2 * rel_err(g32[name], g64[name]))
-        assert_close(g[name], g64[name], None, f"{what} d log_alpha[{name}]", tols={None: tol})
+        norm = float(g64[name].norm())
+        scale = max([norm] + [float(g64[p].norm()) for p in PARTS.get(name, ()) if p in g64])
+        err, err32 = (rel_err(t[name], g64[name]) * norm / scale for t in (g, g32))
+        assert err <= max(floor, 2 * err32), (f"{what} d log_alpha[{name}]: error {err:.3g} (relative to "
+                                              f"{scale:.3g}) > max({floor:g}, 2 x {err32:.3g})")
 
 
 FUSED = ["triton", "native"]
@@ -204,5 +216,6 @@ def test_errors_say_what_to_do():
     class Other(torch.nn.Module):
         config = type("C", (), {"model_type": "t5"})()
 
-    with pytest.raises(NotImplementedError, match="model_type 't5'.*Supported: gemma, gemma2"):
+    with pytest.raises(NotImplementedError, match="model_type 't5'.*Supported: cohere, gemma, gemma2, gemma3_text, "
+                       "gpt2, gpt_neox, gptj, llama, mistral, olmo2, phi, phi3, qwen2, qwen3. Adding"):
         npk.apply_node_pruning(Other())

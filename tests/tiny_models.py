@@ -23,6 +23,18 @@ TINY = {
                                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.5, use_parallel_residual=True,
                                                              hidden_act="gelu", attention_bias=True)),
+    # OLMo-2: q/k RMSNorms over all heads' features, norms after the attention and the MLP
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),
+    # Phi-2: parallel attention and MLP on one LayerNorm, half the head dims rotary, per-head q/k LayerNorms
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(num_key_value_heads=2, partial_rotary_factor=0.5,
+                                                qk_layernorm=True, resid_pdrop=0.0, embd_pdrop=0.0)),
+    # GPT-J: parallel residual, rotary on 4 of each head's 8 dims, no GQA
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_inner=40, rotary_dim=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                   attn_pdrop=0.0)),
+    # Cohere / Command-R: parallel residual, bias-free LayerNorms, q/k LayerNorms with per-head weights,
+    # scaled logits
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=2, use_qk_norm=True,
+                                                         logit_scale=0.5)),
 }
 FAMILY_NAMES = tuple(TINY)
 
@@ -35,6 +47,8 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, device="cpu"):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_size", "num_hidden_layers",
                                                                 "num_attention_heads", "intermediate_size",
                                                                 "max_position_embeddings")}
+    if family == "gptj":  # its MLP width is n_inner
+        kwargs.pop("intermediate_size")
     attn = kwargs.pop("attn_implementation", "sdpa")
     config = getattr(tf, cfg_name)(**kwargs)
     config._attn_implementation = attn

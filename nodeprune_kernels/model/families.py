@@ -15,6 +15,9 @@ from torch import nn
 from ..ops.masked_mlp import canonical_activation
 
 
+QK_NORMS = (None, "per_head", "spans_heads")
+
+
 @dataclass(frozen=True)
 class Family:
     """The module layout of one model family.
@@ -26,7 +29,22 @@ class Family:
     ``weight_layout`` is "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D). ``qkv`` says how the query, key
     and value projections are stored, for ``materialize``: "separate" (q_proj, k_proj, v_proj), "gpt2"
     (c_attn = [q; k; v] in Conv1D layout), "neox" (query_key_value, per head [q, k, v]) or "phi3"
-    (qkv_proj = [q; k; v]).
+    (qkv_proj = [q; k; v]). ``mlp_dropout``: an MLP child applied to the MLP's output, which the patched MLP
+    applies after the masked op (GPT-2, GPT-J: "dropout"). ``parallel_residual``: attention and MLP read the
+    same layer input (GPT-NeoX, Phi, GPT-J, Cohere); informational, since the gated sites are the same.
+
+    ``qk_norm`` says how a normalisation of the queries and keys inside the attention depends on the heads,
+    for ``materialize`` (gating is exact either way: a gate acts on the o_proj input, after the norms):
+
+    - None: there is none, or it normalises each head's D features with one weight shared by all heads
+      (Qwen3, Gemma-3, Phi's ``qk_layernorm``): removing a head leaves the other heads' queries and keys as
+      they were.
+    - "per_head": the attention's ``q_norm`` / ``k_norm`` normalise each head's D features with a weight of
+      one row per head, [H, D] / [KV, D] (Cohere's ``use_qk_norm``): ``materialize`` keeps the kept heads'
+      rows.
+    - "spans_heads": ``q_norm`` / ``k_norm`` normalise the whole [H * D] / [KV * D] projection (OLMo-2's
+      RMSNorm), so every head's queries and keys depend on all heads' values: no head can be removed without
+      changing the others, and ``materialize`` keeps every head (closed ones with zeroed o_proj columns).
     """
 
     name: str
@@ -41,8 +59,13 @@ class Family:
     fused_gate_up: bool = False
     weight_layout: str = "out_in"
     qkv: str = "separate"
-    mlp_dropout: str | None = None  # an MLP child applied to the MLP's output (GPT-2: "dropout")
+    mlp_dropout: str | None = None
     parallel_residual: bool = False
+    qk_norm: str | None = None
+
+    def __post_init__(self):
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"Family {self.name!r}: qk_norm must be one of {QK_NORMS}, not {self.qk_norm!r}")
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -102,6 +125,15 @@ FAMILIES = [
            down="c_proj", weight_layout="in_out", qkv="gpt2", mlp_dropout="dropout"),
     Family("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", attn="attention", o_proj="dense",
            up="dense_h_to_4h", gate=None, down="dense_4h_to_h", qkv="neox", parallel_residual=True),
+    # OLMo-2 normalises the attention and MLP outputs before the residual add, which takes out their scale:
+    # a layer / attn / mlp gate (all it does is scale a block) moves the output only through the norm's eps,
+    # so those gates learn from the loss mostly when sampled near 0; closing them is exact all the same.
+    Family("olmo2", ("olmo2",), qk_norm="spans_heads", **_LLAMA_LIKE),
+    Family("phi", ("phi",), layers="model.layers", o_proj="dense", up="fc1", gate=None, down="fc2",
+           parallel_residual=True),
+    Family("gptj", ("gptj",), layers="transformer.h", attn="attn", o_proj="out_proj", up="fc_in", gate=None,
+           down="fc_out", mlp_dropout="dropout", parallel_residual=True),
+    Family("cohere", ("cohere",), parallel_residual=True, qk_norm="per_head", **_LLAMA_LIKE),
 ]
 REGISTRY = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 

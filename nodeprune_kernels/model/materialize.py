@@ -12,6 +12,10 @@ columns or rows it acts on; biases are never removed):
   reshapes cannot take 0 heads, and the block's output is exactly the o_proj bias.
 - closed attention neurons (single value dims of a kept head) cannot go under HF's fixed head_dim: their
   o_proj columns are zeroed.
+- per-head q/k norm weights (Cohere's use_qk_norm, [H, head_dim]) keep the kept heads' rows. Where the q/k
+  norm spans all heads (OLMo-2's RMSNorm over [H * head_dim]), removing a head would change every other
+  head's queries and keys, so no head is removed: closed heads keep their q/k/v rows and get zeroed o_proj
+  columns (``Family.qk_norm``).
 - closed MLP hidden units are removed (up / gate rows, both halves of a fused gate_up, down columns); a
   fully closed MLP has 0 hidden units (its output is the down bias; GPT-2's Conv1D cannot take 0 inputs, so
   there it keeps one unit with a zeroed down column). Closed mlp_out features zero their down-projection rows.
@@ -51,7 +55,8 @@ def materialize(model: nn.Module, circuit: Circuit, *, verbose: bool = True) -> 
         The new model (same class, dtype and device), with ordinary HF modules: its logits equal the patched
         model's in ``masks.eval()`` inside ``with masks.use_circuit(circuit):`` under zero ablation. The
         closed query/key/value heads and MLP hidden units are removed; closed attention neurons, the filler
-        heads that grouped-query attention needs and mlp_out features are zeroed weights. Its parameter
+        heads that grouped-query attention needs and mlp_out features are zeroed weights (so are closed heads
+        where a q/k norm spans all heads, OLMo-2: there no head is removed). Its parameter
         counts are in ``new.nodeprune_params = (new_count, old_count)``; ``new.config.nodeprune_circuit``
         holds ``circuit.to_dict()`` and ``new.config.nodeprune_layers`` the per-layer sizes
         ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}``. Global config sizes are
@@ -152,7 +157,10 @@ def _cut_attention(family: Family, layer: nn.Module, i: int, kept: dict, dims: M
     if family.qkv in ("gpt2", "neox") and KV != H:
         raise NotImplementedError(f"{family.name}: grouped-query attention is not expected in a fused "
                                   f"{family.qkv} qkv projection")
-    q_heads, kv_heads = _choose_heads(kept["head"][i], H, KV)
+    if family.qk_norm == "spans_heads":  # a q/k norm over all heads: removing one changes the others
+        q_heads, kv_heads = list(range(H)), list(range(KV))
+    else:
+        q_heads, kv_heads = _choose_heads(kept["head"][i], H, KV)
     q_idx, kv_idx = _span(q_heads, D), _span(kv_heads, D)
     layout = family.weight_layout
 
@@ -171,6 +179,9 @@ def _cut_attention(family: Family, layer: nn.Module, i: int, kept: dict, dims: M
         attn.query_key_value = _resized(attn.query_key_value, layout, rows=_span(q_heads, 3 * D))
     else:
         raise NotImplementedError(f"materialize: unknown qkv layout {family.qkv!r} of family {family.name}")
+    if family.qk_norm == "per_head":
+        for name, heads, n in (("q_norm", q_heads, H), ("k_norm", kv_heads, KV)):
+            _keep_norm_rows(family, attn, name, heads, n)
 
     h, kv = len(q_heads), len(kv_heads)
     values = {"num_heads": h, "num_attention_heads": h, "num_key_value_heads": kv, "num_key_value_groups": h // kv,
@@ -179,6 +190,25 @@ def _cut_attention(family: Family, layer: nn.Module, i: int, kept: dict, dims: M
         if isinstance(getattr(attn, name, None), int) and not isinstance(getattr(attn, name), bool):
             setattr(attn, name, values[name])
     return h, kv
+
+
+def _keep_norm_rows(family: Family, attn: nn.Module, name: str, heads: list, n: int) -> None:
+    """Keep the rows ``heads`` of the attention's per-head norm ``name`` (weight [n, D], and a bias of the same
+    shape if it has one); nothing to do when the attention has no such norm (e.g. Cohere without
+    use_qk_norm)."""
+    norm = getattr(attn, name, None)
+    if norm is None:
+        return
+    idx = torch.as_tensor(heads, dtype=torch.long, device=norm.weight.device)
+    for pname in ("weight", "bias"):
+        p = getattr(norm, pname, None)
+        if p is None:
+            continue
+        if p.dim() != 2 or p.shape[0] != n:
+            raise NotImplementedError(f"materialize: {family.name}'s {name}.{pname} has shape {tuple(p.shape)}, not "
+                                      f"one row per head ({n}, head_dim); this family's per-head norms are not "
+                                      "laid out as expected")
+        setattr(norm, pname, nn.Parameter(p.index_select(0, idx), requires_grad=p.requires_grad))
 
 
 def _cut_mlp(family: Family, layer: nn.Module, i: int, kept: dict, dims: ModelDims) -> int:
