@@ -62,10 +62,17 @@ def materialize(model: nn.Module, circuit: Circuit, *, verbose: bool = True) -> 
         ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}``. Global config sizes are
         updated only where they stay true for every layer (the intermediate size when every layer keeps the
         same number of hidden units; the head counts likewise, when the config states head_dim explicitly);
-        otherwise they keep the original model's values. Per-layer head counts are set on the attention
+        otherwise they keep the original model's values (``new.config.nodeprune_base_sizes`` records the
+        original values of the config fields it may change). Per-layer head counts are set on the attention
         modules (``num_key_value_groups``, GPT-2's ``num_heads`` / ``split_size``, ...); where a family's
         forward reads them from the config (Phi-3), that attention module gets its own shallow copy of the
         config (so a later ``set_attn_implementation`` does not reach it).
+
+        Saving: :func:`nodeprune_kernels.save_pruned` / :func:`~nodeprune_kernels.load_pruned` work for every
+        result. ``new.save_pretrained`` works where the config describes every layer's shapes (a model of
+        that class built from ``new.config`` has the same parameter shapes, e.g. every layer keeps the same
+        number of hidden units and heads); otherwise it raises, since ``from_pretrained`` could not rebuild
+        the model.
 
     Raises:
         TypeError: ``circuit`` is not a Circuit.
@@ -91,6 +98,9 @@ def materialize(model: nn.Module, circuit: Circuit, *, verbose: bool = True) -> 
         d_ff = _cut_mlp(family, layer, i, kept, dims)
         sizes.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": d_ff})
     _update_config(new, family, dims, sizes, circuit)
+    mismatched = hf_layout_mismatches(new)
+    if mismatched:
+        _refuse_save_pretrained(new, mismatched)
 
     new_count = count_parameters(new)
     new.nodeprune_params = (new_count, old_count)
@@ -286,28 +296,31 @@ def _is_conv1d(module: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------ config
 def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: list, circuit: Circuit) -> None:
     config = model.config
+    ff_name = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
+    if not hasattr(config, "nodeprune_base_sizes"):  # materializing a materialized model keeps the first base
+        config.nodeprune_base_sizes = {name: getattr(config, name) for name in
+                                       (ff_name, "num_attention_heads", "num_key_value_heads")
+                                       if hasattr(config, name)}
     config.nodeprune_circuit = circuit.to_dict()
     config.nodeprune_layers = sizes
 
     d_ffs = {s["intermediate_size"] for s in sizes}
-    if len(d_ffs) == 1:
-        name = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
-        if hasattr(config, name):
-            setattr(config, name, d_ffs.pop())
+    if len(d_ffs) == 1 and hasattr(config, ff_name):
+        setattr(config, ff_name, d_ffs.pop())
 
     heads = {(s["num_attention_heads"], s["num_key_value_heads"]) for s in sizes}
-    if len(heads) == 1 and family.qkv in ("separate", "phi3") and getattr(config, "head_dim", None) == dims.head_dim:
+    if len(heads) == 1:  # adopt the uniform head counts where a model built from the config then has these shapes
         h, kv = heads.pop()
         trial = copy.copy(config)
-        trial.num_attention_heads, trial.num_key_value_heads = h, kv
-        try:
-            validate = getattr(trial, "validate_architecture", None)
-            if validate is not None:
-                validate()
-        except Exception:  # e.g. hidden_size not a multiple of the head count: keep the original counts
-            pass
-        else:
-            config.num_attention_heads, config.num_key_value_heads = h, kv
+        trial.num_attention_heads = h
+        if hasattr(config, "num_key_value_heads"):
+            trial.num_key_value_heads = kv
+        if getattr(config, "head_dim", None) is None:  # the head size is otherwise hidden_size // heads
+            trial.head_dim = dims.head_dim
+        if set(_layout_mismatches(model, trial)) < set(_layout_mismatches(model, config)):
+            for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+                if hasattr(trial, name):
+                    setattr(config, name, getattr(trial, name))
 
     if family.qkv == "phi3":  # Phi-3's attention forward reads config.num_attention_heads
         for layer, s in zip(family.decoder_layers(model), sizes):
@@ -316,3 +329,36 @@ def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: lis
                 attn.config = copy.copy(attn.config)
                 attn.config.num_attention_heads = s["num_attention_heads"]
                 attn.config.num_key_value_heads = s["num_key_value_heads"]
+
+
+def hf_layout_mismatches(model: nn.Module) -> list:
+    """The state-dict entries of ``model`` whose shapes differ from those of a model of the same class built
+    from ``model.config`` (on the meta device, nothing allocated): empty when ``from_pretrained`` can rebuild
+    it."""
+    return _layout_mismatches(model, model.config)
+
+
+def _layout_mismatches(model: nn.Module, config) -> list:
+    names = list(model.state_dict())
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = type(model)(copy.deepcopy(config))
+    except Exception:  # a config the class refuses (e.g. sizes that do not divide) describes nothing
+        return names
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    return [k for k, v in model.state_dict().items() if expected.get(k) != tuple(v.shape)]
+
+
+def _refuse_save_pretrained(model: nn.Module, mismatched: list) -> None:
+    """Shadow ``model.save_pretrained`` (on this instance only) with an error: its config cannot describe
+    its per-layer shapes, so ``from_pretrained`` would fail on (or silently re-initialise) the saved files."""
+    message = (f"this materialized model has per-layer sizes that its config cannot describe ({len(mismatched)} "
+               f"weights differ from what from_pretrained would build, e.g. {mismatched[0]}); save it with "
+               "nodeprune_kernels.save_pruned(model, directory) and load it with "
+               "nodeprune_kernels.load_pruned(directory)")
+
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(message)
+
+    model.save_pretrained = save_pretrained
