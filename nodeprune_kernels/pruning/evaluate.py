@@ -22,6 +22,13 @@ def batch_inputs(data: TaskData, index, device) -> dict:
     return {k: v.to(device) for k, v in data.model_inputs(index).items()}
 
 
+def estimate_means(masks, data: TaskData, batch_size: int) -> None:
+    """Mean ablation: the masks' per-layer means over ``data``'s examples (``masks.estimate_means``)."""
+    device = masks._device
+    masks.estimate_means(batch_inputs(data, torch.arange(s, min(s + batch_size, len(data))), device)
+                         for s in range(0, len(data), batch_size))
+
+
 def last_positions(positions: torch.Tensor) -> torch.Tensor:
     """[B] the last marked position of each example."""
     T = positions.shape[1]
