@@ -77,6 +77,15 @@ def plot_curve(curve: list, path, chosen: float | None = None) -> None:
     plt.close(fig)
 
 
+def run_file(run_dir: Path, name: str) -> Path:
+    """``run_dir / name``, which a finished run holds: raises FileNotFoundError saying what to do if it is missing."""
+    path = run_dir / name
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a complete pruning run: no {name} (copy the whole run "
+                                "directory, or rerun the command that wrote it)")
+    return path
+
+
 def read_run(run_dir) -> dict:
     """A finished run directory's circuit, metrics, curve, history and config."""
     run_dir = Path(run_dir)
@@ -86,10 +95,7 @@ def read_run(run_dir) -> dict:
         raise FileNotFoundError(f"{run_dir} is not a finished pruning run: no circuit.json{hint}")
     files = {}
     for name in ("metrics.json", "history.json", "config.json"):
-        path = run_dir / name
-        if not path.exists():
-            raise FileNotFoundError(f"{run_dir} is not a complete pruning run: no {name} (copy the whole run "
-                                    "directory, or rerun the command that wrote it)")
+        path = run_file(run_dir, name)
         try:
             files[name] = json.loads(path.read_text())
         except json.JSONDecodeError as e:

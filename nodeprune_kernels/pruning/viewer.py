@@ -29,7 +29,7 @@ from ..model.masks import gate_shapes
 from ..ops.hard_concrete.reference import hard_concrete_reference
 from .evaluate import nodes_kept
 from .outputs import _atomic, load_gates
-from .report import read_run
+from .report import read_run, run_file
 
 HTML_NAME = "circuit.html"
 HIST_BINS = 20  # gate-value histogram bins over [0, 1]
@@ -63,10 +63,7 @@ def write_html(run_dir) -> Path:
 
 def _read_gates(run_dir: Path, circuit) -> dict:
     """{granularity: deterministic gate values (float32, log_alpha's shape)}, checked against the circuit."""
-    path = run_dir / "gates.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a complete pruning run: no gates.safetensors (copy the whole run "
-                                "directory, or rerun the command that wrote it)")
+    path = run_file(run_dir, "gates.safetensors")
     try:
         log_alpha = load_gates(path)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
