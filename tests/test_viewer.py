@@ -190,6 +190,7 @@ def console_errors(driver) -> list:
 
 def test_the_page_in_a_browser(run, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     run_dir, circuit, _ = run
     url = (run_dir / "circuit.html").as_uri()
@@ -215,7 +216,8 @@ def test_the_page_in_a_browser(run, browser):
     for layer, h in [(int(i), int(h)) for i, h in full["head"].nonzero()][:1] + closed[:1]:
         browser.find_element(By.ID, f"head-{layer}-{h}").click()
         section = browser.find_element(By.CSS_SELECTOR, '#detail [data-granularity="attn_neuron"]')
-        assert section.find_element(By.CLASS_NAME, "kept").text == str(int(full["attn_neuron"][layer, h * D:(h + 1) * D].sum()))
+        kept = int(full["attn_neuron"][layer, h * D:(h + 1) * D].sum())
+        assert section.find_element(By.CLASS_NAME, "kept").text == str(kept)
         assert section.find_element(By.CLASS_NAME, "total").text == str(D)
         assert browser.find_element(By.ID, "detail-title").text == f"Layer {layer}, head {h}"
     for layer in range(DIMS.n_layers):
@@ -224,6 +226,8 @@ def test_the_page_in_a_browser(run, browser):
             section = browser.find_element(By.CSS_SELECTOR, f'#detail [data-granularity="{g}"]')
             assert section.find_element(By.CLASS_NAME, "kept").text == str(int(full[g][layer].sum()))
     assert browser.current_url.endswith(f"#node=mlp-{DIMS.n_layers - 1}")
+    browser.find_element(By.ID, "head-0-0").send_keys(Keys.ENTER)  # the cells work from the keyboard too
+    assert browser.find_element(By.ID, "detail").get_attribute("data-node") == "head-0-0"
 
     # a link to a node opens with it selected
     browser.get(url + "#node=head-2-1")

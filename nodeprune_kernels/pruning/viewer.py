@@ -41,7 +41,7 @@ def write_html(run_dir) -> Path:
     Reads the finished run's circuit.json, metrics.json (metrics and faithfulness curve), config.json and
     gates.safetensors (log_alpha per granularity, float32, shaped as in :class:`NodeMasks`). Gate values
     shown are the deterministic (evaluation) gates ``clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1)``, the
-    values ``NodeMasks.deterministic_gates`` gives and the circuit is cut from.
+    values ``NodeMasks.deterministic_gates`` gives (a threshold circuit keeps the nodes whose gate exceeds it).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a finished run (no circuit.json, metrics.json, config.json,
@@ -53,7 +53,7 @@ def write_html(run_dir) -> Path:
     text = json.dumps(_json_safe(data), allow_nan=False, separators=(",", ":"))
     # "<", ">" and "&" escaped as JSON string escapes: "</script>" or "<!--" in a task name cannot end the tag
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    title = html.escape(f"circuit: {data['run']['task']} on {data['model_type'] or 'a model'}")
+    title = html.escape(f"circuit: {data['run']['task'] or 'a task'} on {data['model_type'] or 'a model'}")
     page = _PAGE.replace("__TITLE__", title).replace("__STYLE__", _STYLE).replace("__SCRIPT__", _SCRIPT)
     page = page.replace("__DATA__", text)  # last: the data may contain the other markers
     path = run_dir / HTML_NAME
@@ -75,8 +75,8 @@ def _read_gates(run_dir: Path, circuit) -> dict:
     shapes = gate_shapes(circuit.dims)
     for g in circuit.kept:  # canonical order
         if tuple(log_alpha[g].shape) != shapes[g]:
-            raise ValueError(f"{path}: {g} has shape {list(log_alpha[g].shape)}, the circuit's model needs {list(shapes[g])}: "
-                             "the two files are from different runs")
+            raise ValueError(f"{path}: {g} has shape {list(log_alpha[g].shape)}, the circuit's model needs "
+                             f"{list(shapes[g])}: the two files are from different runs")
     return {g: hard_concrete_reference(log_alpha[g].float(), training=False) for g in circuit.kept}
 
 
@@ -237,7 +237,8 @@ svg text { font: 11px system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-
 #curve-table { width: auto; min-width: 260px; }
 .curve-legend { display: flex; gap: 14px; flex-wrap: wrap; align-items: center; margin: 4px 0 0 56px; }
 .curve-legend .swatch { display: inline-block; width: 20px; height: 3px; margin-right: 6px; vertical-align: 3px; }
-.curve-legend .swatch.dashed { background: repeating-linear-gradient(90deg, #d9822b 0 5px, transparent 5px 8px) !important; }
+.curve-legend .swatch.dashed {
+  background: repeating-linear-gradient(90deg, #d9822b 0 5px, transparent 5px 8px) !important; }
 pre { font-size: 12px; margin: 8px 0 0; white-space: pre-wrap; }
 summary { cursor: pointer; font-weight: 600; }
 """
@@ -322,7 +323,9 @@ function cell(id, node, cls, label, gran, title, fraction) {
     td.setAttribute("role", "button");
     NODES[id] = {title: title, kept: node.kept, gate: node.gate, granularity: gran, neurons: node.neurons};
     td.addEventListener("click", () => select(id));
-    td.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); select(id); } });
+    td.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); select(id); }
+    });
   }
   return td;
 }
@@ -468,7 +471,7 @@ function metrics() {
   const t = document.getElementById("metrics"), m = DATA.metrics;
   t.append(el("tr", {}, el("th", {text: "metric"}), el("th", {text: "value"})));
   const row = (k, name) => t.append(el("tr", {id: "metric-" + k.replace(/[^A-Za-z0-9_-]/g, "_")},
-                                       el("td", {text: name}), el("td", {text: k === "n_examples" ? num(m[k]) : num(m[k], 4)})));
+    el("td", {text: name}), el("td", {text: k === "n_examples" ? num(m[k]) : num(m[k], 4)})));
   for (const k of Object.keys(METRIC_NAMES)) if (k in m) row(k, METRIC_NAMES[k]);
   const train = Object.keys(TRAIN_NAMES).filter(k => k in m);
   if (train.length) {
@@ -499,7 +502,8 @@ function curve() {
   s.append(svgEl("text", {x: 14, y: m.t + ph / 2, "text-anchor": "middle",
                           transform: "rotate(-90 14 " + (m.t + ph / 2) + ")", fill: "#1f4e79"}, "KL"));
   s.append(svgEl("text", {x: W - 12, y: m.t + ph / 2, "text-anchor": "middle",
-                          transform: "rotate(90 " + (W - 12) + " " + (m.t + ph / 2) + ")", fill: "#d9822b"}, "accuracy"));
+                          transform: "rotate(90 " + (W - 12) + " " + (m.t + ph / 2) + ")", fill: "#d9822b"},
+                         "accuracy"));
   const cx = X(DATA.nodes_kept);
   s.append(svgEl("line", {x1: cx, x2: cx, y1: m.t, y2: m.t + ph, stroke: "#9aa3ac", "stroke-dasharray": "4 3"}));
   s.append(svgEl("text", {x: cx + 4, y: m.t + ph / 2}, "the circuit"));
