@@ -1,9 +1,11 @@
 """Attribution (AtP and IG over the gates): derivatives, completeness, exactness, files and errors."""
+import json
 import math
 
 import pytest
 import torch
 import transformers as tf
+from test_cli import model_dir  # noqa: F401 (a fixture)
 from tiny_models import tiny_model
 
 from nodeprune_kernels import apply_node_pruning, remove_node_pruning
@@ -193,3 +195,36 @@ def test_scores_circuits_files_and_init(tmp_path):
         flat, sc = v.flatten(), s.scores[g].abs().flatten()
         assert float(flat[sc.argmax()]) == pytest.approx(3.0) and float(flat[sc.argmin()]) == pytest.approx(-3.0)
         assert v.shape == s.scores[g].shape
+
+
+def test_nodeprune_attribute_writes_a_run(model_dir, tmp_path, capsys):
+    from test_cli import ARGS
+
+    from nodeprune_kernels import Circuit
+    from nodeprune_kernels.cli import main
+
+    out = tmp_path / "attr"
+    assert main(["attribute", "--model", str(model_dir), "--task", "ioi", "--out", str(out), "--fraction", "0.25"]
+                + ARGS) == 0
+    printed = capsys.readouterr().out
+    assert "atp scores (logit_diff)" in printed and "held-out (6 examples)" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["attribution"] == {"method": "atp", "metric": "logit_diff", "ig_steps": 8, "fraction": 0.25}
+    scores = NodeScores.load(out / "scores.safetensors")
+    circuit = Circuit.from_json(out / "circuit.json")
+    assert circuit == scores.circuit(fraction=0.25)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["kept/head"] <= 0.25 and 0 <= metrics["kl"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "atp", "--metric", "kl"], "gradient there is zero"),
+    (["--method", "ig", "--ig-steps", "1"], "at least 2"),
+    (["--fraction", "1.5"], "--fraction must be in [0, 1]"),
+])
+def test_nodeprune_attribute_errors_before_loading(extra, message, capsys):
+    from nodeprune_kernels.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["attribute", "--model", "not-a-model", "--task", "ioi", "--out", "o"] + extra)
+    assert message in capsys.readouterr().err
