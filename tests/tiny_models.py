@@ -1,6 +1,8 @@
 """Tiny randomly initialised causal LMs of every supported family, built from configs (no hub access)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers as tf
 
@@ -38,9 +40,39 @@ TINY = {
 }
 FAMILY_NAMES = tuple(TINY)
 
+# A size of the model -> the keywords config classes spell it with (the first one a family's config takes is used).
+SIZE_KEYWORDS = {"layers": ("num_hidden_layers", "n_layer"), "heads": ("num_attention_heads", "n_head"),
+                 "kv_heads": ("num_key_value_heads",), "head_dim": ("head_dim",),
+                 "hidden": ("hidden_size", "n_embd"), "intermediate": ("intermediate_size", "n_inner")}
 
-def tiny_model(family: str, dtype=torch.float32, seed: int = 0, device="cpu"):
-    """A 2-layer model of ``family`` with random weights of a useful scale (biases and norms too)."""
+
+def size_keywords(family: str) -> dict:
+    """{size: the keyword that sets it} for the sizes of SIZE_KEYWORDS that ``family``'s config class takes
+    (a family without "kv_heads" has no grouped-query attention; one without "head_dim" has
+    head_dim = hidden // heads)."""
+    params = inspect.signature(getattr(tf, TINY[family][0]).__init__).parameters
+    return {size: next(k for k in names if k in params) for size, names in SIZE_KEYWORDS.items()
+            if any(k in params for k in names)}
+
+
+def _with_sizes(family: str, kwargs: dict, sizes: dict) -> dict:
+    """The config kwargs with the given sizes (keys of SIZE_KEYWORDS) replacing every spelling of them."""
+    if not sizes:
+        return kwargs
+    keywords = size_keywords(family)
+    if set(sizes) - set(keywords):
+        raise ValueError(f"the {family} config takes the sizes {sorted(keywords)}, not "
+                         f"{sorted(set(sizes) - set(keywords))}")
+    spellings = {k for size in sizes for k in SIZE_KEYWORDS[size]}
+    out = {k: v for k, v in kwargs.items() if k not in spellings}
+    return dict(out, **{keywords[size]: v for size, v in sizes.items()})
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0, device="cpu", **sizes):
+    """A 2-layer model of ``family`` with random weights of a useful scale (biases and norms too).
+
+    ``sizes``: other sizes (layers, heads, kv_heads, head_dim, hidden, intermediate; those of
+    :func:`size_keywords`), replacing the defaults (2, 4, 2 or 4, 8, 32, 40)."""
     cfg_name, model_name, extra = TINY[family]
     kwargs = dict(COMMON, **extra)
     if family == "gpt2":
@@ -49,6 +81,7 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, device="cpu"):
                                                                 "max_position_embeddings")}
     if family == "gptj":  # its MLP width is n_inner
         kwargs.pop("intermediate_size")
+    kwargs = _with_sizes(family, kwargs, sizes)
     attn = kwargs.pop("attn_implementation", "sdpa")
     config = getattr(tf, cfg_name)(**kwargs)
     config._attn_implementation = attn
