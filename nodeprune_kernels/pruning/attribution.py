@@ -35,11 +35,11 @@ from safetensors.torch import load_file, save_file
 from ..model.circuit import Circuit
 from ..model.families import ModelDims
 from ..model.masks import gate_shapes
-from ..model.patch import apply_node_pruning, is_patched, remove_node_pruning
+from ..model.patch import is_patched
 from ..ops.hard_concrete.reference import GAMMA, STRETCH
 from ..tasks.base import TaskData
 from .config import PruneConfig
-from .evaluate import ablation_context, batch_inputs, estimate_means
+from .evaluate import ablation_context, batch_inputs
 from .objectives import kl_sum, logit_diff
 
 METHODS = ("atp", "ig")
@@ -220,13 +220,9 @@ def attribute(model, task, *, method: str = "atp", metric: str | None = None, ig
     points = [(1.0 - EDGE, 1.0)] if method == "atp" else ig_points(ig_steps)
     train, _ = data.split(config.n_eval, seed=config.seed)
 
-    was_training = model.training
-    model.eval()
-    masks = apply_node_pruning(model, config.granularities, config.ablation, config.backend, config.seed)
-    try:
-        masks.eval()
-        if config.ablation == "mean":
-            estimate_means(masks, train, config.batch_size)
+    from .metrics import gated
+
+    with gated(model, config, train) as masks:
         sums = {g: torch.zeros_like(la, dtype=torch.float64) for g, la in masks.log_alpha.items()}
         ends = {"m_full": 0.0, "m_empty": 0.0}
         n_positions = int(train.positions.sum())
@@ -236,14 +232,12 @@ def attribute(model, task, *, method: str = "atp", metric: str | None = None, ig
 
         for index in tqdm(batches, desc=f"attribution ({method})", unit="batch", disable=not progress):
             _score_batch(model, masks, train, index, metric, points, n_positions, sums, ends)
-        scores = {g: s.float().cpu() for g, s in sums.items()}
-        info = {"n_examples": len(train)}
-        if method == "ig":
-            info.update(ends, ig_steps=ig_steps)
-        return NodeScores(scores, masks.dims, method, metric, config.ablation, model.config.model_type, info)
-    finally:
-        remove_node_pruning(model)
-        model.train(was_training)
+        dims = masks.dims
+    scores = {g: s.float().cpu() for g, s in sums.items()}
+    info = {"n_examples": len(train)}
+    if method == "ig":
+        info.update(ends, ig_steps=ig_steps)
+    return NodeScores(scores, dims, method, metric, config.ablation, model.config.model_type, info)
 
 
 def _score_batch(model, masks, data: TaskData, index, metric: str, points: list, n_positions: int, sums: dict,
@@ -295,13 +289,15 @@ def attribute_run(model, task, run_dir, *, method: str = "atp", metric: str | No
         <run_dir>/config.json         the PruneConfig, the attribution options, the task and data fingerprint
         <run_dir>/scores.safetensors  the NodeScores (NodeScores.load)
         <run_dir>/circuit.json        the top-``fraction`` circuit (Circuit.from_json)
-        <run_dir>/metrics.json        that circuit's held-out metrics (as prune's)
+        <run_dir>/metrics.json        that circuit's held-out metrics (as prune's), ``mib/cpr`` and ``mib/cmd``,
+                                      and MIB's size-vs-faithfulness tables of the signed and the absolute
+                                      ranking (:func:`~nodeprune_kernels.pruning.metrics.ranking_table`)
 
     Returns a printable summary.
     """
-    from ..model.patch import node_masks
     from . import outputs
     from .evaluate import evaluate_circuit
+    from .metrics import gated, ranking_table, table_lines
     from .run import fingerprint, resolve_task
 
     config = config or PruneConfig()
@@ -313,13 +309,13 @@ def attribute_run(model, task, run_dir, *, method: str = "atp", metric: str | No
     circuit = scores.circuit(fraction=fraction)
     train, held_out = data.split(config.n_eval, seed=config.seed)
 
-    masks = apply_node_pruning(model, config.granularities, config.ablation, config.backend, config.seed)
-    try:
-        if config.ablation == "mean":
-            estimate_means(masks, train, config.batch_size)
-        metrics = evaluate_circuit(model, node_masks(model).eval(), held_out, circuit, config.batch_size)
-    finally:
-        remove_node_pruning(model)
+    with gated(model, config, train) as masks:
+        metrics = evaluate_circuit(model, masks, held_out, circuit, config.batch_size)
+        mib = {"signed": ranking_table(model, masks, held_out, scores.scores, batch_size=config.batch_size),
+               "absolute": ranking_table(model, masks, held_out, scores.scores, batch_size=config.batch_size,
+                                         absolute=True)}
+    # MIB's conventions: CPR from the signed ranking, CMD from the absolute one
+    metrics.update({"mib/cpr": mib["signed"]["cpr"], "mib/cmd": mib["absolute"]["cmd"]})
     metrics.update({f"kept/{g}": f for g, (_, _, f) in circuit.counts().items()})
 
     run_dir = Path(run_dir)
@@ -329,10 +325,11 @@ def attribute_run(model, task, run_dir, *, method: str = "atp", metric: str | No
     outputs.write_config(run_dir, config, meta)
     scores.save(run_dir / SCORES_FILE)
     circuit.to_json(run_dir / "circuit.json")
-    outputs.write_json(run_dir / "metrics.json", {"metrics": metrics, "attribution": scores.info})
+    outputs.write_json(run_dir / "metrics.json", {"metrics": metrics, "attribution": scores.info, "mib": mib})
     lines = [f"{scores.method} scores ({scores.metric}) of {sum(s.numel() for s in scores.scores.values())} nodes "
              f"on {len(train)} examples", f"top {fraction:g} of each granularity:", circuit.summary(), "",
              f"held-out ({metrics['n_examples']} examples): KL {metrics['kl']:.4f}  accuracy "
-             f"{metrics['accuracy']:.3f} (full model {metrics['full_accuracy']:.3f})",
+             f"{metrics['accuracy']:.3f} (full model {metrics['full_accuracy']:.3f})", "",
+             *table_lines(mib["absolute"]),
              f"written to {run_dir}: {SCORES_FILE}, circuit.json, metrics.json, config.json"]
     return "\n".join(lines)
