@@ -14,7 +14,7 @@ import sys
 from .model.masks import ABLATIONS, GRANULARITIES
 from .pruning.config import COARSE, DEFAULT_TARGETS, DTYPES, PruneConfig
 from .pruning.objectives import OBJECTIVES
-from .pruning.sparsity import SPARSITY_MODES
+from .pruning.sparsity import SPARSITY_MODES, TARGET_UPDATES
 from .utils.backend import BACKENDS
 
 _HELP = {
@@ -24,7 +24,12 @@ _HELP = {
                + ",".join(f"{g}={t}" for g, t in DEFAULT_TARGETS.items()),
     "task_options": "an option of the task generator, k=v (repeatable), e.g. prefix_len=12",
     "n_eval": "held-out examples: a count, or a fraction such as 0.2",
-    "warmup": "fraction of the steps over which the targets ramp up",
+    "warmup": "fraction of the steps over which the targets ramp up (default: 0.5; 0.9 with --sparsity path)",
+    "target_update": "how targets are held: projection (log_alphas shifted after each step) or lagrangian",
+    "target_tolerance": "a final expected sparsity further than this from its target is reported",
+    "path_sizes": "--sparsity path: the circuit sizes to cut at, comma-separated fractions of the gated nodes",
+    "circuit_size": "an exact circuit size by the gates' ranking: g=count (int) or g=fraction (float), comma-"
+                    "separated (e.g. head=12,mlp_neuron=0.05), or one fraction for every gated granularity",
     "lr": "AdamW learning rate of log_alpha",
     "lambda_lr": "learning rate of the Lagrange multipliers",
     "init_log_alpha": "initial log_alpha (3: every gate open)",
@@ -32,7 +37,7 @@ _HELP = {
     "checkpoint_every": "steps between checkpoints",
 }
 _CHOICES = {"ablation": ABLATIONS, "objective": OBJECTIVES, "sparsity": SPARSITY_MODES, "backend": BACKENDS,
-            "dtype": DTYPES, "circuit_method": ("threshold", "expected_zeros")}
+            "dtype": DTYPES, "circuit_method": ("threshold", "expected_zeros"), "target_update": TARGET_UPDATES}
 
 
 def _granularities(text: str) -> tuple:
@@ -64,6 +69,25 @@ def _n_eval(text: str):
     return float(text) if "." in text else int(text)
 
 
+def _circuit_size(text: str):
+    """``0.1`` (every gated granularity), or ``head=12,mlp_neuron=0.05``: ints count nodes, floats are
+    fractions (the number's own type, as JSON reads it)."""
+    if "=" not in text:
+        return float(text)
+    out = {}
+    for part in text.split(","):
+        g, _, v = part.partition("=")
+        try:
+            out[g.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the value must be a count (12) or a fraction (0.05)") from None
+    return out
+
+
+def _fractions(text: str) -> tuple:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per PruneConfig field."""
     defaults = PruneConfig()
@@ -80,13 +104,19 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kw.update(action="append", metavar="K=V")
         elif f.name == "n_eval":
             kw["type"] = _n_eval
+        elif f.name == "warmup":
+            kw["type"] = float
+        elif f.name == "circuit_size":
+            kw["type"] = _circuit_size
+        elif f.name == "path_sizes":
+            kw["type"] = _fractions
         elif isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = type(default)
         if f.name in _CHOICES:
             kw["choices"] = _CHOICES[f.name]
-        shown = ",".join(default) if f.name == "granularities" else default
+        shown = ",".join(map(str, default)) if f.name in ("granularities", "path_sizes") else default
         kw["help"] = _HELP.get(f.name, "") + ("" if shown is None else f" (default: {shown})")
         group.add_argument(flag, **kw)
 

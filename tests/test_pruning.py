@@ -92,7 +92,7 @@ def test_penalty_is_lambda_times_mean_expected_l0():
 
 def test_lagrangian_ascends_towards_the_target_with_warmup():
     model, masks = _masks()
-    sp = Sparsity(masks.granularities, "target", targets=0.6, warmup_steps=10)
+    sp = Sparsity(masks.granularities, "target", targets=0.6, warmup_steps=10, update="lagrangian")
     assert sp.target_at(0) == {"head": 0.0, "mlp_neuron": 0.0} and sp.target_at(5)["head"] == pytest.approx(0.3)
     assert sp.target_at(50)["mlp_neuron"] == pytest.approx(0.6)
     opt = sp.optimizer(0.1)

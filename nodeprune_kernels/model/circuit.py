@@ -49,17 +49,33 @@ class Circuit:
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
-    def from_masks(cls, masks, threshold: float = 0.5, method: str = "threshold") -> "Circuit":
+    def from_masks(cls, masks, threshold: float = 0.5, method: str = "threshold", *, size=None, fraction=None,
+                   within: "Circuit | None" = None, strict: bool = True) -> "Circuit":
         """The circuit of a NodeMasks' gates.
 
         ``method="threshold"``: a node is kept when its deterministic gate exceeds ``threshold``.
         ``method="expected_zeros"`` (CoFi): per granularity, the round(sum of 1 - expected L0) nodes with the
         smallest log_alpha are closed, the rest kept.
+
+        A circuit of an exact size: ``size`` ({granularity: nodes kept}, ints) and ``fraction``
+        ({granularity: fraction kept}, or one float for every gated granularity; ``round(fraction * nodes)``
+        nodes) keep that many nodes of the granularities they name, chosen by log_alpha (the gates' ranking,
+        as ``expected_zeros`` does with its count); the other gated granularities are cut by ``method``.
+        The granularities are cut coarse to fine, each among the nodes its coarser cut leaves open, and a kept
+        node of a gated coarser granularity first gets the best of its children, so making the circuit
+        consistent closes none of the counted nodes: ``counts()`` gives exactly the sizes asked for.
+        ``within``: a circuit of the same model that the cut stays inside (for nested circuits).
+
+        Raises:
+            ValueError: a size larger than the nodes left open (by the coarser cuts or ``within``), or sizes
+                that cannot all hold in one consistent circuit (fewer kept children than kept parents); with
+                ``strict=False`` the cut keeps as close to the sizes as it can instead.
         """
         if method not in _METHODS:
             raise ValueError(f"unknown circuit method {method!r}; choose one of {', '.join(_METHODS)}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        sizes = sizes_asked(masks.log_alpha, size, fraction)
         if method == "threshold":
             kept = {g: (z > threshold).cpu() for g, z in masks.deterministic_gates().items()}
         else:
@@ -71,10 +87,69 @@ class Circuit:
                     keep = torch.ones(la.numel(), dtype=torch.bool)
                     keep[torch.argsort(la, stable=True)[:n_zero]] = False
                     kept[g] = keep.view(masks.log_alpha[g].shape)
+        if sizes or within is not None:
+            if within is not None:
+                within.check_dims(masks.dims)
+            log_alpha = {g: la.detach().float().cpu() for g, la in masks.log_alpha.items()}
+            kept = cut_to_size(log_alpha, masks.dims, sizes, kept, within, strict)
+        if sizes or method != "threshold":
             threshold = None
         model = masks._model()
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         return cls(kept, masks.dims, threshold, model_type)
+
+    @classmethod
+    def from_ranking(cls, ranking: dict, dims: ModelDims, size: "dict | None" = None,
+                     fraction: "float | dict | None" = None, model_type: str | None = None) -> "Circuit":
+        """The top nodes of a ranking, per granularity, made consistent.
+
+        Args:
+            ranking: {granularity: tensor shaped like its log_alpha}; larger values rank higher (ties: the
+                lower flat index first).
+            dims: the model's sizes.
+            size: {granularity: number of nodes to keep}; or ``fraction``: one fraction of every
+                granularity's nodes, or a dict of them (rounded to the nearest count). Granularities of
+                ``ranking`` that neither names keep every node. Give exactly one of the two.
+            model_type: recorded in the circuit.
+
+        The cut is made per granularity before the consistency rules, which can only close more (a kept
+        head in a closed attention block goes); ``counts()`` gives the final sizes.
+        """
+        if (size is None) == (fraction is None):
+            raise ValueError("give exactly one of size= (nodes kept per granularity) or fraction= (a fraction of "
+                             "each granularity's nodes)")
+        shapes = gate_shapes(dims)
+        check_granularities(tuple(ranking))
+        if fraction is not None and not isinstance(fraction, dict):
+            fraction = {g: fraction for g in ranking}
+        wanted = size if size is not None else fraction
+        if not isinstance(wanted, dict):
+            raise TypeError(f"size must be a dict {{granularity: count}}, got {type(wanted).__name__}")
+        unknown = sorted(set(wanted) - set(ranking))
+        if unknown:
+            raise ValueError(f"size/fraction given for {unknown}, which are not ranked (ranked: {', '.join(ranking)})")
+        kept = {}
+        for g, r in ranking.items():
+            n = int(torch.Size(shapes[g]).numel())
+            if tuple(r.shape) != shapes[g]:
+                raise ValueError(f"ranking {g} has shape {list(r.shape)}, the model's gates {list(shapes[g])}")
+            if g not in wanted:
+                kept[g] = torch.ones(shapes[g], dtype=torch.bool)
+                continue
+            v = wanted[g]
+            if size is not None:
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= n:
+                    raise ValueError(f"size[{g!r}] must be an int in [0, {n}], got {v!r}")
+                k = v
+            else:
+                if not 0.0 <= float(v) <= 1.0:
+                    raise ValueError(f"fraction[{g!r}] must be in [0, 1], got {v!r}")
+                k = int(round(float(v) * n))
+            order = torch.argsort(-r.detach().flatten().double().cpu(), stable=True)
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[order[:k]] = True
+            kept[g] = keep.view(shapes[g])
+        return cls(kept, dims, None, model_type)
 
     def full(self) -> dict:
         """Every granularity's kept nodes, the ones implied by the gated granularities included."""
@@ -228,3 +303,118 @@ def _consistent(kept: dict, dims: ModelDims) -> dict:
     k["mlp_neuron"] &= k["mlp"][:, None]
     k["mlp_out"] &= k["mlp"][:, None]
     return k
+
+
+# --------------------------------------------------------------------------------------------- exact sizes
+# A kept node needs a kept child at each finer gated granularity (the bottom-up rule of _consistent): for a
+# child granularity, the coarser levels its nodes keep alive, nearest first.
+_PARENTS = {"head": ("attn",), "attn_neuron": ("head", "attn"), "mlp_neuron": ("mlp",), "mlp_out": ("mlp",)}
+
+
+def sizes_asked(log_alpha: dict, size=None, fraction=None) -> dict:
+    """{granularity: nodes to keep} from ``size`` (ints per granularity) and ``fraction`` (a float for every
+    gated granularity, or floats per granularity), checked against the gated granularities' node counts."""
+    gated = tuple(g for g in GRANULARITIES if g in log_alpha)
+    out = {}
+    for name, given in (("size", size), ("fraction", fraction)):
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            if name == "size":
+                raise ValueError("size must be a dict {granularity: nodes kept}, e.g. size={'head': 12}; for the "
+                                 "same share of every granularity use fraction=0.1")
+            given = {g: given for g in gated}
+        for g, v in given.items():
+            if g not in log_alpha:
+                raise ValueError(f"{name} given for {g!r}, which is not gated here (gated: {', '.join(gated)})")
+            if g in out:
+                raise ValueError(f"{g!r} is given in both size and fraction; give it once")
+            n = log_alpha[g].numel()
+            if name == "size":
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= n:
+                    raise ValueError(f"size[{g!r}] must be an int in [0, {n}] (the {g} nodes kept), got {v!r}")
+                out[g] = v
+            else:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                    raise ValueError(f"fraction[{g!r}] must be a number in [0, 1] (the share of {g} nodes kept), "
+                                     f"got {v!r}")
+                out[g] = int(round(float(v) * n))
+    return out
+
+
+def _group_of(g: str, parent: str, dims: ModelDims, shape) -> torch.Tensor:
+    """The flat index, in the parent's log_alpha, of the parent of each node of ``g`` (flattened)."""
+    L, X = shape
+    layer = torch.arange(L)[:, None].expand(L, X)
+    if parent == "head":  # attn_neuron k of layer l belongs to head (l, k // head_dim)
+        return (layer * dims.n_heads + torch.arange(X)[None, :] // dims.head_dim).flatten()
+    return layer.flatten()
+
+
+def _protecting_parent(g: str, gated) -> str | None:
+    """The nearest coarser level whose kept nodes ``g``'s cut must leave a child each: a gated parent, or the
+    MLP block when its other child granularity is gated (closing a block's every neuron closes its outputs)."""
+    for parent in _PARENTS.get(g, ()):
+        sibling = {"mlp_neuron": "mlp_out", "mlp_out": "mlp_neuron"}.get(g)
+        if parent in gated or (parent == "mlp" and sibling in gated):
+            return parent
+    return None
+
+
+def cut_to_size(log_alpha: dict, dims: ModelDims, sizes: dict, base: dict, within: "Circuit | None" = None,
+                strict: bool = True) -> dict:
+    """Kept nodes with exactly ``sizes[g]`` nodes of each named granularity, chosen by log_alpha.
+
+    ``log_alpha``: {granularity: float tensor, gate shape} of every gated granularity; ``base``: {granularity:
+    bool tensor} the cut of the granularities not in ``sizes`` (e.g. a threshold cut); ``within``: a circuit the
+    result stays inside. Granularities are cut coarse to fine (layer, attn, head, attn_neuron, mlp, mlp_neuron,
+    mlp_out), each among the nodes that the consistent cut so far leaves open; a sized granularity keeps the
+    best child of every kept node of its protecting parent (:func:`_protecting_parent`) first, then the
+    highest log_alphas of the rest (ties: the lower index). Returns {granularity: bool tensor} of the gated
+    granularities, consistent. ``strict``: raise when a size cannot hold (see :meth:`Circuit.from_masks`);
+    otherwise keep as many as can be kept.
+    """
+    gated = tuple(g for g in GRANULARITIES if g in log_alpha)
+    inside = within.full() if within is not None else None
+    state = {}
+    for g in gated:
+        k = torch.ones(log_alpha[g].shape, dtype=torch.bool) if g in sizes else base[g].clone()
+        state[g] = k & inside[g] if inside is not None else k
+    problems = []
+    for g in (g for g in gated if g in sizes):
+        full = _consistent(state, dims)
+        shape = log_alpha[g].shape
+        open_ = full[g].flatten()
+        n = sizes[g]
+        if n > int(open_.sum()):
+            problems.append(f"{g}: {n} asked, but only {int(open_.sum())} of its nodes are left open by the coarser "
+                            "granularities' cut" + (" and `within`" if within is not None else ""))
+            n = int(open_.sum())
+        la = log_alpha[g].flatten()
+        order = torch.sort(la, descending=True, stable=True).indices
+        order = order[open_[order]]  # the open nodes, best first
+        chosen = torch.zeros(la.numel(), dtype=torch.bool)
+        parent = _protecting_parent(g, gated)
+        if parent is not None and len(shape) == 2:
+            group = _group_of(g, parent, dims, shape)[order]
+            alive = full[parent].flatten()[group]
+            # the first (best) open child of every kept parent, best first
+            first = torch.full((int(group.max()) + 1 if group.numel() else 0,), order.numel(), dtype=torch.long)
+            first.scatter_reduce_(0, group, torch.arange(order.numel()), reduce="amin")
+            pos = torch.zeros(order.numel(), dtype=torch.bool)
+            pos[first[first < order.numel()]] = True
+            reserved = order[pos & alive]
+            chosen[reserved[:n]] = True
+        rest = order[~chosen[order]]
+        chosen[rest[:max(0, n - int(chosen.sum()))]] = True
+        state[g] = chosen.view(shape)
+    full = _consistent(state, dims)
+    for g in sizes:
+        kept = int(full[g].sum())
+        if kept != sizes[g] and not any(p.startswith(f"{g}:") for p in problems):
+            problems.append(f"{g}: {sizes[g]} asked, {kept} kept once the circuit is consistent (a kept {g} node "
+                            "needs a kept node under it at each finer gated granularity: ask for more of those, or "
+                            f"fewer {g} nodes)")
+    if problems and strict:
+        raise ValueError("circuit size: " + "; ".join(problems))
+    return {g: full[g] for g in gated}

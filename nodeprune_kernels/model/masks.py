@@ -203,11 +203,15 @@ class NodeMasks(nn.Module):
         finally:
             self._circuit_la = prev
 
-    def circuit(self, threshold: float = 0.5, method: str = "threshold"):
-        """The binary circuit of the current gates (see :meth:`Circuit.from_masks`)."""
+    def circuit(self, threshold: float = 0.5, method: str = "threshold", *, size=None, fraction=None, within=None,
+                strict: bool = True):
+        """The binary circuit of the current gates (see :meth:`Circuit.from_masks`): cut at ``threshold`` by
+        ``method``, or of an exact size, ``size={"head": 12, "mlp_neuron": 500}`` (nodes kept) or
+        ``fraction=0.1`` (of every gated granularity; or a dict), by the gates' ranking."""
         from .circuit import Circuit
 
-        return Circuit.from_masks(self, threshold=threshold, method=method)
+        return Circuit.from_masks(self, threshold=threshold, method=method, size=size, fraction=fraction,
+                                  within=within, strict=strict)
 
     # ------------------------------------------------------------------------------------ ablation
     def _model_or_raise(self) -> nn.Module:

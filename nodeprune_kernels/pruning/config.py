@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from ..model.masks import ABLATIONS, GRANULARITIES, check_granularities, check_run_seed
 from ..utils.backend import BACKENDS
+from .metrics import MIB_SIZES  # the circuit sizes MIB scores: the path's default grid
 from .objectives import check_objective
-from .sparsity import SPARSITY_MODES, Sparsity
+from .sparsity import SPARSITY_MODES, TARGET_UPDATES, Sparsity
 
 COARSE = ("layer", "attn", "head", "mlp")  # block and head granularities only
 # Target sparsities when none are given: a starting point that keeps whole layers and most blocks and prunes
@@ -16,6 +17,7 @@ COARSE = ("layer", "attn", "head", "mlp")  # block and head granularities only
 DEFAULT_TARGETS = {"layer": 0.0, "attn": 0.25, "head": 0.5, "attn_neuron": 0.75, "mlp": 0.25, "mlp_neuron": 0.9,
                    "mlp_out": 0.5}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_WARMUP = {"penalty": 0.5, "target": 0.5, "path": 0.9}  # warmup=None: the fraction of the steps, per mode
 
 
 @dataclass
@@ -30,9 +32,15 @@ class PruneConfig:
     Objective: ``objective`` "kl" (KL from the full model at the task's positions), "logit_diff" or "ce".
 
     Sparsity: ``sparsity="penalty"`` adds ``lambdas`` (one number, or a dict per granularity) times each
-    granularity's mean expected L0; ``sparsity="target"`` pulls each granularity's expected sparsity to
-    ``targets`` (one number, a dict, or None for ``DEFAULT_TARGETS``) with Lagrange multipliers trained at ``lambda_lr``, the targets
-    ramping up linearly over ``warmup`` (a fraction of ``steps``).
+    granularity's mean expected L0; ``sparsity="target"`` holds each granularity's expected sparsity to
+    ``targets`` (one number, a dict, or None for ``DEFAULT_TARGETS``), the targets ramping up linearly over
+    ``warmup`` (a fraction of ``steps``; None: 0.5), by ``target_update`` "projection" (the log_alphas shifted
+    after each step) or "lagrangian" (multipliers trained at ``lambda_lr``). A final expected sparsity more
+    than ``target_tolerance`` from its target is reported (a warning, ``summary()``, metrics.json).
+    ``sparsity="path"``: the targets rise from 0 to ``targets`` (None: ``1 - min(path_sizes)`` for every
+    gated granularity) over ``warmup`` (None: 0.9), geometrically in the kept fraction, and a circuit is cut
+    at each size of ``path_sizes`` (fractions of the gated nodes kept; MIB's ten by default) as the run
+    passes it (docs/sparsity.md).
 
     Optimisation: ``steps``, ``batch_size``, ``lr`` (AdamW on log_alpha, no weight decay).
 
@@ -41,7 +49,10 @@ class PruneConfig:
     config.json), ``task_options`` for the task's generator.
 
     Circuit and evaluation: ``threshold`` on the deterministic gates (``circuit_method`` "threshold" or
-    CoFi's "expected_zeros"), ``curve_points`` points of the faithfulness-versus-sparsity curve.
+    CoFi's "expected_zeros"), or ``circuit_size``: an exact size by the gates' ranking (a dict per
+    granularity of ints, nodes kept, or floats, fractions kept; one float for every gated granularity; the
+    granularities it leaves out are cut by ``circuit_method``); ``curve_points`` points of the
+    faithfulness-versus-sparsity curve.
 
     Runtime: ``backend`` ("auto", "triton", "native", "reference"), ``dtype`` of the model ("auto" keeps it),
     ``gradient_checkpointing``, ``log_every``, ``checkpoint_every`` (steps; also at the end).
@@ -53,8 +64,11 @@ class PruneConfig:
     sparsity: str = "target"
     lambdas: float | dict = 1.0
     targets: float | dict | None = None
+    target_update: str = "projection"
     lambda_lr: float = 0.05
-    warmup: float = 0.5
+    warmup: float | None = None
+    target_tolerance: float = 0.05
+    path_sizes: tuple = MIB_SIZES
     steps: int = 300
     batch_size: int = 16
     lr: float = 0.1
@@ -66,6 +80,7 @@ class PruneConfig:
     task_options: dict = field(default_factory=dict)
     threshold: float = 0.5
     circuit_method: str = "threshold"
+    circuit_size: float | dict | None = None
     curve_points: int = 9
     backend: str = "auto"
     dtype: str = "auto"
@@ -80,6 +95,9 @@ class PruneConfig:
         check_objective(self.objective)
         if self.sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {self.sparsity!r}; choose one of {', '.join(SPARSITY_MODES)}")
+        if self.target_update not in TARGET_UPDATES:
+            raise ValueError(f"unknown target_update {self.target_update!r}; choose one of {', '.join(TARGET_UPDATES)}")
+        self.path_sizes = check_path_sizes(self.path_sizes)
         self.sparsity_term()  # validates lambdas / targets
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -99,21 +117,44 @@ class PruneConfig:
         for name in ("lr", "lambda_lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup <= 1.0:
-            raise ValueError(f"warmup is a fraction of the steps, in [0, 1]; got {self.warmup}")
+        if self.warmup is not None and not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"warmup is a fraction of the steps, in [0, 1] (or None: the mode's default); got "
+                             f"{self.warmup}")
+        if not 0.0 < float(self.target_tolerance) < 1.0:
+            raise ValueError(f"target_tolerance is a sparsity difference, in (0, 1); got {self.target_tolerance}")
+        check_circuit_size(self.circuit_size, self.granularities)
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
 
+    def warmup_steps(self) -> int:
+        """The steps over which the targets rise: ``warmup`` (or the mode's default) times ``steps``."""
+        warmup = DEFAULT_WARMUP[self.sparsity] if self.warmup is None else self.warmup
+        return round(warmup * self.steps)
+
     def sparsity_term(self, warmup_steps: int = 0) -> Sparsity:
-        """The run's :class:`Sparsity` (``targets=None``: ``DEFAULT_TARGETS`` of the gated granularities)."""
+        """The run's :class:`Sparsity` (``targets=None``: ``DEFAULT_TARGETS`` of the gated granularities; in
+        path mode ``1 - min(path_sizes)`` for each)."""
         targets = self.targets
-        if targets is None:
+        if targets is None and self.sparsity == "path":
+            targets = 1.0 - min(self.path_sizes)
+        elif targets is None:
             targets = {g: DEFAULT_TARGETS[g] for g in self.granularities}
-        return Sparsity(self.granularities, self.sparsity, self.lambdas, targets, warmup_steps)
+        return Sparsity(self.granularities, self.sparsity, self.lambdas, targets, warmup_steps, self.target_update)
+
+    def circuit_size_kwargs(self) -> dict:
+        """``circuit_size`` as the ``size`` / ``fraction`` arguments of ``NodeMasks.circuit``."""
+        c = self.circuit_size
+        if c is None:
+            return {}
+        if not isinstance(c, dict):
+            return {"fraction": float(c)}
+        return {"size": {g: v for g, v in c.items() if isinstance(v, int)} or None,
+                "fraction": {g: v for g, v in c.items() if isinstance(v, float)} or None}
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["granularities"] = list(self.granularities)
+        d["path_sizes"] = list(self.path_sizes)
         return d
 
     @classmethod
@@ -123,9 +164,42 @@ class PruneConfig:
         if unknown:
             raise ValueError(f"unknown PruneConfig option(s) {sorted(unknown)}; known: {sorted(names)}")
         d = dict(d)
-        if "granularities" in d:
-            d["granularities"] = tuple(d["granularities"])
+        for name in ("granularities", "path_sizes"):
+            if name in d:
+                d[name] = tuple(d[name])
         return cls(**d)
 
     def replace(self, **changes) -> "PruneConfig":
         return dataclasses.replace(self, **changes)
+
+
+def check_path_sizes(sizes) -> tuple:
+    """The path's grid: fractions of the gated nodes kept, each in (0, 1], distinct; returned descending."""
+    try:
+        sizes = tuple(float(x) for x in sizes)
+    except (TypeError, ValueError):
+        raise ValueError(f"path_sizes must be a list of fractions of the nodes kept, e.g. [0.01, 0.1, 1], got "
+                         f"{sizes!r}") from None
+    if not sizes or any(not 0.0 < x <= 1.0 for x in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"path_sizes must be distinct fractions in (0, 1] of the gated nodes kept, got {list(sizes)}")
+    return tuple(sorted(sizes, reverse=True))
+
+
+def check_circuit_size(value, granularities) -> None:
+    """``circuit_size``: None, a float in [0, 1] (every gated granularity), or {gated granularity: int count
+    >= 0 or float fraction in [0, 1]}. Counts are checked against the model's sizes when it is patched."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        if isinstance(value, bool) or not isinstance(value, float) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"circuit_size must be a fraction in [0, 1] for every gated granularity, or a dict "
+                             f"{{granularity: count (int) or fraction (float)}}, got {value!r}")
+        return
+    for g, v in value.items():
+        if g not in granularities:
+            raise ValueError(f"circuit_size given for {g!r}, which is not gated in this run (gated: "
+                             f"{', '.join(granularities)})")
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, float) and 0.0 <= v <= 1.0)
+        if not ok:
+            raise ValueError(f"circuit_size[{g!r}] must be a count of nodes (an int >= 0) or a fraction of them (a "
+                             f"float in [0, 1]), got {v!r}")

@@ -54,13 +54,14 @@ def load_gates(path) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, masks, opt, sparsity, lambda_opt, history: list,
-                    config: PruneConfig, meta: dict) -> None:
+                    config: PruneConfig, meta: dict, path: list | None = None) -> None:
+    """``path``: a size-path run's circuits so far (``SizePath.state``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, "step": step, "masks_step": masks.step,
              "log_alpha": {g: la.detach().cpu() for g, la in masks.log_alpha.items()},
              "optimizer": opt.state_dict(), "sparsity": sparsity.state_dict(),
              "lambda_optimizer": lambda_opt.state_dict() if lambda_opt is not None else None,
-             "history": history, "config": config.to_dict(), "meta": meta}
+             "history": history, "config": config.to_dict(), "meta": meta, "path": path}
     _atomic(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
     save_gates(run_dir / "gates.safetensors", masks.log_alpha, masks.dims)
 

@@ -105,7 +105,43 @@ def read_run(run_dir) -> dict:
     if missing:
         raise ValueError(f"{run_dir / 'metrics.json'} has no {' or '.join(missing)}: not written by nodeprune prune")
     return {"circuit": Circuit.from_json(run_dir / "circuit.json"), "metrics": m["metrics"], "curve": m["curve"],
-            "history": files["history.json"], "config": files["config.json"]}
+            "history": files["history.json"], "config": files["config.json"], "path": _read_path(run_dir)}
+
+
+def _read_path(run_dir: Path) -> dict | None:
+    """A size-path run's table (path.json), or None for other runs."""
+    from .path import PATH_JSON
+
+    path = run_dir / PATH_JSON
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from None
+    if not isinstance(table, dict) or not isinstance(table.get("points"), list):
+        raise ValueError(f"{path} has no 'points': not written by a sparsity='path' run")
+    return table
+
+
+def plot_path(table: dict, path) -> None:
+    """The size path: each grid circuit's faithfulness and KL against its size (log scale)."""
+    plt = _plt()
+    pts = sorted(table["points"], key=lambda p: p["size"])
+    x = [100 * p["size"] for p in pts]
+    fig, a = plt.subplots(figsize=(5.5, 3.6))
+    a.plot(x, [p["faithfulness"] if p["faithfulness"] is not None else float("nan") for p in pts], "o-",
+           label=f"faithfulness ({table['metric']})")
+    a.axhline(1.0, color="gray", ls=":")
+    a.set(xscale="log", xlabel="circuit size (% of gated nodes)", ylabel="faithfulness",
+          title="the size path (held-out)")
+    b = a.twinx()
+    b.plot(x, [p["kl"] for p in pts], "s--", color="tab:red", label="KL to the full model")
+    b.set(ylabel="KL")
+    fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.14, 0.86))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_run(run_dir) -> list:
@@ -120,7 +156,11 @@ def plot_run(run_dir) -> list:
         paths.append(run_dir / "training.png")
     plot_circuit(run["circuit"], run_dir / "circuit.png")
     plot_curve(run["curve"], run_dir / "curve.png", nodes_kept(run["circuit"]))
-    return paths + [run_dir / "circuit.png", run_dir / "curve.png"]
+    paths += [run_dir / "circuit.png", run_dir / "curve.png"]
+    if run["path"] is not None and run["path"]["points"]:
+        plot_path(run["path"], run_dir / "path.png")
+        paths.append(run_dir / "path.png")
+    return paths
 
 
 def show(run_dir) -> str:
@@ -132,7 +172,7 @@ def show(run_dir) -> str:
     head = (f"run {run_dir}: task {cfg.get('task')} ({cfg.get('n_train')} train / {cfg.get('n_eval')} held-out "
             f"examples), ablation {cfg['config']['ablation']}, objective {cfg['config']['objective']}, "
             f"{cfg['config']['steps']} steps")
-    res = PruningResult(run["circuit"], run["metrics"], run["curve"], run["history"], {}, None)
+    res = PruningResult(run["circuit"], run["metrics"], run["curve"], run["history"], {}, None, path=run["path"])
     curve = ["", "faithfulness curve (held-out):", f"{'nodes kept':>10} {'KL':>9} {'accuracy':>9}"]
     for p in sorted(run["curve"], key=lambda p: -p["nodes_kept"]):
         curve.append(f"{100 * p['nodes_kept']:>9.1f}% {p['kl']:>9.4f} {p['accuracy']:>9.3f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from . import outputs
 from .config import PruneConfig
 from .evaluate import ablation_context, batch_inputs, evaluate_circuit, faithfulness_curve
 from .objectives import check_objective, gather_positions, objective_sum
+from .path import SizePath
+from .sparsity import expected_sparsity
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,6 +44,9 @@ class PruningResult:
         log_alpha: the trained gate parameters {granularity: float32 tensor on CPU}.
         config: the run's :class:`PruneConfig`.
         run_dir: where the run was written (None if nowhere).
+        path: in ``sparsity="path"`` runs, the size-vs-faithfulness table (``SizePath.evaluate``: ``points``
+            per grid size with the circuit's held-out metrics and faithfulness, ``cpr``, ``cmd``, ``metric``,
+            ``not_reached``); the circuits themselves are ``extra["path_circuits"]`` {size: Circuit}.
     """
 
     circuit: Circuit
@@ -51,6 +57,7 @@ class PruningResult:
     config: PruneConfig
     run_dir: Path | None = None
     extra: dict = field(default_factory=dict)
+    path: dict | None = None
 
     def summary(self) -> str:
         m = self.metrics
@@ -61,7 +68,40 @@ class PruningResult:
             lines.append(f"logit difference {m['logit_diff']:.3f} (full model {m['full_logit_diff']:.3f})")
         if "prob_diff" in m:
             lines.append(f"probability difference {m['prob_diff']:.3f} (full model {m['full_prob_diff']:.3f})")
+        lines += missed_lines(m)
+        if self.path is not None:
+            lines += ["", *path_lines(self.path)]
         return "\n".join(lines)
+
+
+def missed_targets(final: dict, targets: dict, tolerance: float) -> list:
+    """The granularities whose final expected sparsity is more than ``tolerance`` from their target."""
+    return [g for g, t in targets.items() if abs(final[g] - t) > tolerance]
+
+
+def missed_lines(metrics: dict) -> list:
+    """One line per missed target (``metrics["targets_missed"]``), saying what to do; none if all were met."""
+    missed = metrics.get("targets_missed") or []
+    tol = metrics.get("target_tolerance")
+    return [f"TARGET MISSED: {g} ends at expected sparsity {metrics[f'sparsity/{g}']:.3f}, its target is "
+            f"{metrics[f'target/{g}']:.3f} (tolerance {tol}); the circuit is not the size asked for. Use the "
+            "default target_update='projection', or raise lambda_lr / steps; circuit_size= cuts an exact size"
+            for g in missed]
+
+
+def path_lines(path: dict) -> list:
+    """The size path's table: per grid size, the step it was cut at, the nodes kept, KL and faithfulness."""
+    lines = [f"size path (held-out; faithfulness on {path['metric']}):",
+             f"{'size':>8} {'step':>6} {'nodes kept':>10} {'KL':>9} {'faithful':>9}"]
+    for p in sorted(path["points"], key=lambda p: -p["size"]):
+        f = "-" if p["faithfulness"] is None else f"{p['faithfulness']:.3f}"
+        lines.append(f"{100 * p['size']:>7g}% {p['step']:>6} {100 * p['nodes_kept']:>9.2f}% {p['kl']:>9.4f} {f:>9}")
+    if path.get("cpr") is not None:
+        lines.append(f"CPR {path['cpr']:.4f}  CMD {path['cmd']:.4f} (areas over the sizes reached)")
+    if path.get("not_reached"):
+        lines.append("NOT REACHED: sizes " + ", ".join(f"{100 * p:g}%" for p in path["not_reached"])
+                     + " (raise the targets: the run's maximum sparsity stops short of them)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -239,12 +279,18 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
             device = masks._device
             masks.estimate_means(batch_inputs(train, torch.arange(s, min(s + config.batch_size, len(train))), device)
                                  for s in range(0, len(train), config.batch_size))
-        sparsity = config.sparsity_term(round(config.warmup * config.steps)).to(masks._device)
+        sparsity = config.sparsity_term(config.warmup_steps()).to(masks._device)
         opt = torch.optim.AdamW(masks.parameters(), lr=config.lr, weight_decay=0.0)
         lambda_opt = sparsity.optimizer(config.lambda_lr)
+        check_sizes(config, masks)
+        path = SizePath(config.path_sizes) if config.sparsity == "path" else None
         history, start = [], 0
         if state is not None:
             start, history = outputs.restore(state, masks, opt, sparsity, lambda_opt)
+            if path is not None:
+                path.load_state(state.get("path") or [])
+        else:
+            sparsity.project(masks, 0)
         if world > 1:
             dist.broadcast_gates(masks)
         if writes is not None:
@@ -253,6 +299,8 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         bar = _progress(progress and rank == 0, start, config.steps)
         with _checkpointing(model, masks.family.decoder_layers(model), config.gradient_checkpointing):
             for step in range(start, config.steps):
+                if path is not None:
+                    path.update(masks, step)  # the gates the step starts from
                 logs = _train_step(model, masks, train, sparsity, opt, lambda_opt, config, step, world)
                 if not math.isfinite(logs["loss"]):
                     raise NonFiniteLossError(_nan_message(step, logs, run_dir))
@@ -263,18 +311,34 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
                                  "sparsity": f"{logs['sparsity/mean']:.3f}"}, refresh=False)
                 if writes is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
                     outputs.save_checkpoint(writes, step + 1, masks, opt, sparsity, lambda_opt, history, config,
-                                            meta)
+                                            meta, path=path.state() if path is not None else None)
         bar.close()
+        if path is not None:
+            path.update(masks, config.steps)  # the final gates
 
         masks.eval()
-        circuit = masks.circuit(config.threshold, config.circuit_method)
+        circuit = masks.circuit(config.threshold, config.circuit_method, strict=False,
+                                **config.circuit_size_kwargs())
         metrics = evaluate_circuit(model, masks, held_out, circuit, config.batch_size)
         metrics.update({f"kept/{g}": f for g, (_, _, f) in circuit.counts().items()})
         if history:
             metrics.update({f"train/{k}": v for k, v in history[-1].items() if k != "step"})
+        notes = _end_of_run_checks(masks, sparsity, config, circuit, metrics)
         curve = faithfulness_curve(model, masks, held_out, config.curve_points, config.batch_size)
         log_alpha = {g: la.detach().float().cpu().clone() for g, la in masks.log_alpha.items()}
-        result = PruningResult(circuit, metrics, curve, history, log_alpha, config, run_dir, {"meta": meta})
+        table = path.evaluate(model, masks, held_out, config.batch_size) if path is not None else None
+        if table is not None:
+            metrics.update({"path/cpr": table["cpr"], "path/cmd": table["cmd"]})
+            if table["not_reached"]:
+                notes.append(path_lines(table)[-1])
+        result = PruningResult(circuit, metrics, curve, history, log_alpha, config, run_dir, {"meta": meta}, table)
+        if path is not None:
+            result.extra["path_circuits"] = {p: c for p, (_, c) in path.cut.items()}
+        if rank == 0:
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
+        if writes is not None and path is not None:
+            path.write(writes, table)
         if writes is not None:
             outputs.write_results(writes, result)
         return result
@@ -315,8 +379,7 @@ def _train_step(model, masks, train: TaskData, sparsity, opt, lambda_opt, config
     objective_v, penalty_v = (float(v) for v in values)
     if math.isfinite(objective_v + penalty_v):
         opt.step()
-        if lambda_opt is not None:
-            lambda_opt.step()
+        sparsity.after_step(masks, step + 1, lambda_opt)  # multipliers (and the projection) for the next step
     logs = {"step": step + 1, "loss": objective_v + penalty_v, "objective": objective_v}
     logs.update({f"sparsity/{g}": float(v.detach()) for g, v in s.items()})
     logs["sparsity/mean"] = sum(logs[f"sparsity/{g}"] for g in s) / len(s)
@@ -324,6 +387,41 @@ def _train_step(model, masks, train: TaskData, sparsity, opt, lambda_opt, config
         logs.update({f"target/{g}": v for g, v in sparsity.target_at(step).items()})
     logs.update(sparsity.state())
     return logs
+
+
+def check_sizes(config: PruneConfig, masks) -> None:
+    """``circuit_size`` counts against the model's node counts, before any step is trained."""
+    from ..model.circuit import sizes_asked
+
+    sizes_asked(masks.log_alpha, **config.circuit_size_kwargs())
+
+
+def _end_of_run_checks(masks, sparsity, config: PruneConfig, circuit, metrics: dict) -> list:
+    """Record the final expected sparsity against the targets in ``metrics`` (``sparsity/<g>``, ``target/<g>``,
+    ``target_tolerance``, ``targets_missed``) and return the warnings to give: missed targets, and a
+    ``circuit_size`` that the consistent cut could not keep exactly."""
+    notes = []
+    with torch.no_grad():
+        final = {g: float(v) for g, v in expected_sparsity(masks).items()}
+    metrics.update({f"sparsity/{g}": v for g, v in final.items()})
+    if sparsity.mode != "penalty":
+        targets = sparsity.target_at(config.steps)
+        metrics.update({f"target/{g}": t for g, t in targets.items()})
+        metrics["target_tolerance"] = config.target_tolerance
+        metrics["targets_missed"] = missed_targets(final, targets, config.target_tolerance)
+        notes += missed_lines(metrics)
+    kw = config.circuit_size_kwargs()
+    if kw:
+        from ..model.circuit import sizes_asked
+
+        asked = sizes_asked(masks.log_alpha, **kw)
+        counts = circuit.counts()
+        off = {g: (n, counts[g][0]) for g, n in asked.items() if counts[g][0] != n}
+        if off:
+            notes.append("circuit_size: " + "; ".join(f"{g}: {n} asked, {k} kept" for g, (n, k) in off.items())
+                         + " (the sizes cannot all hold in one consistent circuit: a kept node needs kept nodes "
+                           "under it at each finer gated granularity)")
+    return notes
 
 
 def _nan_message(step: int, logs: dict, run_dir) -> str:

@@ -1,20 +1,40 @@
-"""Sparsity pressure on the gates: a fixed penalty per granularity, or a target with Lagrange multipliers.
+"""Sparsity pressure on the gates: a fixed penalty per granularity, or targets that the gates are held to.
 
 The expected sparsity of a granularity is one minus the mean probability that its gates are non-zero,
-``s_g = 1 - mean(expected_l0(log_alpha_g))`` (docs/design.md, section 8): a number in [0, 1] whatever the
-granularity's size, so penalties and targets mean the same at every granularity.
+``s_g = 1 - mean(expected_l0(log_alpha_g))``: a number in [0, 1] whatever the granularity's size, so
+penalties and targets mean the same at every granularity.
 
 * ``"penalty"`` (the paper's form): ``sum_g lambda_g * mean(expected_l0_g)``, fixed lambdas.
-* ``"target"`` (CoFi, Edge Pruning): ``sum_g lambda1_g * (s_g - t_g) + lambda2_g * (s_g - t_g)**2``; the
-  lambdas are trained by gradient *ascent* on the same loss, so they grow until the expected sparsity meets
-  the target. The target ramps linearly from 0 to ``t_g`` over the warm-up steps.
+* ``"target"``: each granularity's expected sparsity is held to its target ``t_g``, which ramps linearly from 0
+  over the warm-up steps. The loss gets the Lagrangian term of CoFi and Edge Pruning,
+  ``sum_g lambda1_g * (s_g - t_g) + lambda2_g * (s_g - t_g)**2``, whose gradient on the gates is a price on
+  each gate: a gate closes where its share of the objective is worth less than the price. Two updates of
+  the multipliers:
+
+  - ``"projection"`` (the default): after every optimizer step, the multipliers take one Adam ascent step
+    (at ``lambda_lr``) on the gap that step left, ``s_g - t_g``, and then each granularity's log_alphas are
+    shifted by one constant, found by bisection, so that ``s_g`` equals the target (during the warm-up: is
+    at least it, so the ramp never opens gates the objective closed). The price sorts the gates, the shift
+    (which keeps their order) meets the target at every step, whatever the objective's scale. Targets
+    below 0.001 are held at 0.001 (no finite shift opens every gate for certain).
+  - ``"lagrangian"``: the multipliers trained by plain gradient ascent (SGD at ``lambda_lr``) on the same
+    loss, nothing else. How close it ends to the targets depends on that rate and on the objective's scale
+    (docs/sparsity.md has measurements).
+* ``"path"``: as ``"target"``, with targets that rise geometrically in the kept fraction,
+  ``1 - t_g(step) = (1 - T_g) ** (step / ramp_steps)``, from 0 to the maximum ``T_g``: the run passes every
+  circuit size between, and :mod:`.path` cuts a circuit at each size of a grid on the way.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-SPARSITY_MODES = ("penalty", "target")
+from ..ops.hard_concrete.reference import expected_l0_reference
+
+SPARSITY_MODES = ("penalty", "target", "path")
+TARGET_UPDATES = ("projection", "lagrangian")
+PROJECTION_FLOOR = 1e-3  # the smallest sparsity the projection holds a granularity to
+_BISECTION_STEPS = 40  # the bracket (~100 wide) narrowed 2**40-fold: below float32 resolution
 
 
 def per_granularity(value, granularities, what: str) -> dict:
@@ -37,55 +57,122 @@ def expected_sparsity(masks) -> dict:
     return {g: 1.0 - l0.mean() for g, l0 in masks.expected_l0().items()}
 
 
-class Sparsity(nn.Module):
-    """The sparsity term of the loss. ``forward(masks, step)`` returns (loss term, {g: expected sparsity}).
+@torch.no_grad()
+def shift_to_sparsity(log_alpha: torch.Tensor, target: float, at_least: bool = False) -> torch.Tensor:
+    """Shift ``log_alpha`` (in place) by the one constant that makes ``1 - mean(expected_l0)`` equal
+    ``target``; with ``at_least``, only downwards (if the sparsity is below the target: gates are only
+    closed). Returns the shift (a 0-dim tensor on log_alpha's device).
 
-    In target mode the module holds the Lagrange multipliers (``lambda1``, ``lambda2``, one per gated
-    granularity) as parameters; give them to an optimizer with ``maximize=True`` (see :meth:`optimizer`).
+    ``1 - mean(expected_l0(log_alpha + c))`` falls monotonically in ``c``, so bisection finds ``c``, on a
+    bracket wide enough to take every gate past saturation either way, without host syncs (the bracket stays
+    a tensor). ``target`` must be in (0, 1).
+    """
+    la = log_alpha.detach().float()
+    reach = la.abs().max() + 40.0  # past it, expected_l0 is 0 or 1 to float32 precision for every gate
+    lo, hi = -reach, reach.clone()
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        too_sparse = 1.0 - expected_l0_reference(la + mid).mean() > target
+        lo, hi = torch.where(too_sparse, mid, lo), torch.where(too_sparse, hi, mid)
+    shift = (lo + hi) / 2
+    if at_least:
+        shift = shift.clamp(max=0.0)
+    log_alpha.add_(shift.to(log_alpha.dtype))
+    return shift
+
+
+class Sparsity(nn.Module):
+    """The sparsity term of the loss. ``forward(masks, step)`` returns (loss term, {g: expected sparsity});
+    :meth:`after_step` updates the multipliers (and projects) after each optimizer step of the gates.
+
+    In target and path modes the module holds the Lagrange multipliers (``lambda1``, ``lambda2``, one per
+    gated granularity) as parameters, stepped by :meth:`optimizer`'s optimizer (ascent, ``maximize=True``).
+    ``warmup_steps``: the steps over which the targets rise (linearly in ``"target"`` mode, geometrically in
+    the kept fraction in ``"path"`` mode).
     """
 
-    def __init__(self, granularities, mode: str = "penalty", lambdas=1.0, targets=0.5, warmup_steps: int = 0):
+    def __init__(self, granularities, mode: str = "penalty", lambdas=1.0, targets=0.5, warmup_steps: int = 0,
+                 update: str = "projection"):
         super().__init__()
         if mode not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(SPARSITY_MODES)}")
-        self.mode, self.granularities = mode, tuple(granularities)
+        if update not in TARGET_UPDATES:
+            raise ValueError(f"unknown target update {update!r}; choose one of {', '.join(TARGET_UPDATES)}")
+        self.mode, self.granularities, self.update = mode, tuple(granularities), update
         self.warmup_steps = int(warmup_steps)
         if mode == "penalty":
             self.lambdas = per_granularity(lambdas, self.granularities, "lambdas")
             if any(v < 0 for v in self.lambdas.values()):
                 raise ValueError(f"penalty lambdas must be >= 0, got {self.lambdas}")
-        else:
-            self.targets = per_granularity(targets, self.granularities, "targets")
-            bad = {g: t for g, t in self.targets.items() if not 0.0 <= t < 1.0}
-            if bad:
-                raise ValueError(f"target sparsities must be in [0, 1), got {bad}")
-            n = len(self.granularities)
-            self.lambda1 = nn.Parameter(torch.zeros(n))
-            self.lambda2 = nn.Parameter(torch.zeros(n))
+            return
+        self.targets = per_granularity(targets, self.granularities, "targets")
+        bad = {g: t for g, t in self.targets.items() if not 0.0 <= t < 1.0}
+        if bad:
+            raise ValueError(f"target sparsities must be in [0, 1), got {bad}")
+        n = len(self.granularities)
+        self.lambda1 = nn.Parameter(torch.zeros(n))
+        self.lambda2 = nn.Parameter(torch.zeros(n))
+
+    def ramp(self, step: int) -> float:
+        """How far the targets have risen at ``step``: 0 at step 0, 1 from ``warmup_steps`` on."""
+        return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
 
     def target_at(self, step: int) -> dict:
-        """The (warmed-up) targets at ``step``."""
-        ramp = 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
-        return {g: t * ramp for g, t in self.targets.items()}
+        """The targets at ``step`` (ramped up over the warm-up)."""
+        r = self.ramp(step)
+        if self.mode == "path":
+            return {g: 1.0 - (1.0 - t) ** r for g, t in self.targets.items()}
+        return {g: t * r for g, t in self.targets.items()}
+
+    def _gap(self, s: dict, step: int) -> torch.Tensor:
+        target = self.target_at(step)
+        return torch.stack([s[g] - target[g] for g in self.granularities])
 
     def forward(self, masks, step: int):
         s = expected_sparsity(masks)
         if self.mode == "penalty":
             return sum(self.lambdas[g] * (1.0 - s[g]) for g in self.granularities), s
-        target = self.target_at(step)
-        dev = next(iter(s.values())).device
-        gap = torch.stack([s[g] - target[g] for g in self.granularities])
-        l1, l2 = self.lambda1.to(dev), self.lambda2.to(dev)
+        gap = self._gap(s, step)
+        l1, l2 = self.lambda1.to(gap.device), self.lambda2.to(gap.device)
         return (l1 * gap + l2 * gap * gap).sum(), s
 
+    def after_step(self, masks, step: int, lambda_opt) -> None:
+        """After the gates' optimizer step; ``step`` is the step the gates are used at next. Lagrangian: one
+        ascent step of the multipliers on the loss's gradient. Projection: one ascent step on the gap the
+        gates' step left (below the ramping target only, while it ramps), then :meth:`project`."""
+        if self.mode == "penalty":
+            return
+        if self.update == "lagrangian":
+            lambda_opt.step()
+            return
+        with torch.no_grad():
+            gap = self._gap(expected_sparsity(masks), step).to(self.lambda1.device)
+            if self.ramp(step) < 1.0:
+                gap = gap.clamp(max=0.0)
+        self.lambda1.grad, self.lambda2.grad = gap.clone(), gap * gap
+        lambda_opt.step()
+        self.project(masks, step)
+
+    def project(self, masks, step: int) -> None:
+        """Shift each granularity's log_alphas onto its target at ``step`` (at least ``PROJECTION_FLOOR``): at
+        least the target while it ramps up, exactly it afterwards. Nothing with the Lagrangian update, or in
+        penalty mode."""
+        if self.mode == "penalty" or self.update == "lagrangian":
+            return
+        ramping = self.ramp(step) < 1.0
+        for g, t in self.target_at(step).items():
+            shift_to_sparsity(masks.log_alpha[g], max(t, PROJECTION_FLOOR), at_least=ramping)
+
     def optimizer(self, lr: float):
-        """Gradient ascent on the Lagrange multipliers (None in penalty mode)."""
+        """The multipliers' ascent: Adam for the projection update (a step of about ``lr`` whatever the
+        gap's scale), SGD for the Lagrangian's; None in penalty mode."""
         if self.mode == "penalty":
             return None
-        return torch.optim.SGD(self.parameters(), lr=lr, maximize=True)
+        kind = torch.optim.Adam if self.update == "projection" else torch.optim.SGD
+        return kind(self.parameters(), lr=lr, maximize=True)
 
     def state(self) -> dict:
-        """Readable values for logs: lambdas (and targets)."""
+        """Readable values for logs: lambdas (or multipliers)."""
         if self.mode == "penalty":
             return {f"lambda/{g}": v for g, v in self.lambdas.items()}
         out = {}
