@@ -1,8 +1,10 @@
 """Property tests with generated inputs (hypothesis): malformed circuit files are rejected with an error naming
 the key, any interleaving of the model layer's entry points leaves an unpatched model's logits exactly as
-they were, and ``materialize`` computes any circuit of any tiny model of every family."""
+they were, ``materialize`` computes any circuit of any tiny model of every family, and a JSONL task file with a
+malformed row is rejected with an error naming the file, the line and the key."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +14,10 @@ from hypothesis import strategies as st
 import nodeprune_kernels as npk
 from nodeprune_kernels.model.families import ModelDims
 from nodeprune_kernels.model.masks import GRANULARITIES, gate_shapes
+from nodeprune_kernels.tasks import JsonlTask
+from nodeprune_kernels.tasks.jsonl import OPTIONAL, REQUIRED
 from test_materialize import assert_logits_close, logits
+from test_tasks import _words, all_task_texts, word_level
 from tiny_models import FAMILY_NAMES, size_keywords, tiny_batch, tiny_model
 
 DIMS = ModelDims(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_model=32, d_ff=40)
@@ -139,3 +144,121 @@ def test_materialize_computes_any_circuit_of_any_tiny_model(family, data):
     ref = logits(model, ids, masks, circuit)  # the patched model inside use_circuit, zero ablation
     small = npk.materialize(model, circuit, verbose=False)
     assert_logits_close(logits(small, ids), ref)
+
+
+# ------------------------------------------------------------------------------------------ JSONL task files
+KEYS = REQUIRED + OPTIONAL
+NOT_A_STRING = st.one_of(st.integers(), st.floats(), st.booleans(), st.lists(st.integers(), max_size=2),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+PARSE_FAULTS = ("missing key", "wrong type", "unknown key", "unknown split", "empty prompt", "repeated key",
+                "broken JSON", "not an object", "not UTF-8", "lone surrogate", "huge number", "deep nesting")
+BUILD_FAULTS = ("lengths differ", "answer without tokens")
+
+
+@pytest.fixture(scope="module")
+def word():
+    return word_level(_words(all_task_texts()))
+
+
+@st.composite
+def jsonl_row(draw, words):
+    """A valid row: prompts of one-token words (as many in each), answers of one word, optional keys or not."""
+    n = draw(st.integers(1, 5))
+    prompt = st.lists(st.sampled_from(words), min_size=n, max_size=n).map(" ".join)
+    row = {"clean": draw(prompt), "corrupted": draw(prompt), "target": " " + draw(st.sampled_from(words))}
+    if draw(st.booleans()):
+        row["distractor"] = draw(st.one_of(st.none(), st.sampled_from(words).map(" ".join)))
+    if draw(st.booleans()):
+        row["split"] = draw(st.sampled_from(["train", "eval", None]))
+    return row
+
+
+def _spoil(draw, fault, row, words):
+    """(the line's bytes, a fragment the error must contain) for ``row`` spoilt by ``fault``."""
+    row = dict(row)
+    strings = [k for k, v in row.items() if isinstance(v, str)]
+    if fault == "missing key":
+        key = draw(st.sampled_from(REQUIRED))
+        del row[key]
+        return json.dumps(row).encode(), f"missing key '{key}'"
+    if fault == "wrong type":
+        key = draw(st.sampled_from(KEYS))
+        row[key] = draw(NOT_A_STRING if key not in REQUIRED else st.one_of(NOT_A_STRING, st.none()))
+        return json.dumps(row).encode(), f"'{key}' must be a string"
+    if fault == "unknown key":
+        key = draw(st.text(max_size=6).filter(lambda k: k not in KEYS))
+        row[key] = draw(st.text(max_size=3))
+        return json.dumps(row).encode(), f"unknown key(s) {key!r}"
+    if fault == "unknown split":
+        row["split"] = draw(st.text(max_size=6).filter(lambda s: s not in ("train", "eval")))
+        return json.dumps(row).encode(), "split must be one of train, eval"
+    if fault == "empty prompt":
+        key = draw(st.sampled_from(["clean", "corrupted"]))
+        row[key] = draw(st.text(alphabet=" \t\n\u00a0\u2003", max_size=3))
+        return json.dumps(row).encode(), f"the {key} prompt is empty"
+    if fault == "repeated key":
+        key = draw(st.sampled_from(sorted(row)))
+        return f'{json.dumps(row)[:-1]}, "{key}": {json.dumps(draw(st.sampled_from(words)))}}}'.encode(), \
+            f"key '{key}' appears more than once"
+    if fault == "broken JSON":
+        text = json.dumps(row)
+        return text[:draw(st.integers(1, len(text) - 1))].encode(), "invalid JSON"
+    if fault == "not an object":
+        value = draw(st.one_of(st.lists(st.text(max_size=3), max_size=3), st.integers(), st.floats(), st.booleans(),
+                               st.none(), st.text(max_size=5)))
+        return json.dumps(value).encode(), "expected a JSON object"
+    if fault == "not UTF-8":
+        key = draw(st.sampled_from(strings))
+        head, tail = json.dumps(row).encode().split(f'"{key}": "'.encode(), 1)
+        bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\xf0\x9f\x98"]))
+        return head + f'"{key}": "'.encode() + bad + tail, "not UTF-8 text"
+    if fault == "lone surrogate":
+        key = draw(st.sampled_from(strings))
+        row[key] += chr(draw(st.integers(0xD800, 0xDFFF)))
+        return json.dumps(row).encode(), f"'{key}' is not valid Unicode text"  # written as a \udxxx escape
+    if fault == "huge number":
+        key = draw(st.sampled_from(KEYS))
+        row[key] = "PLACEHOLDER"
+        return json.dumps(row).replace('"PLACEHOLDER"', "7" * 5000).encode(), f"'{key}' must be a string"
+    if fault == "deep nesting":
+        key = draw(st.sampled_from(KEYS))
+        row[key] = "PLACEHOLDER"
+        return json.dumps(row).replace('"PLACEHOLDER"', "[" * 5000 + "]" * 5000).encode(), "nested too deeply"
+    if fault == "lengths differ":
+        row["corrupted"] += " " + draw(st.sampled_from(words))
+        return json.dumps(row).encode(), "the clean prompt is"
+    if fault == "answer without tokens":
+        key = draw(st.sampled_from(["target", "distractor"]))
+        row[key] = draw(st.sampled_from(["", " ", "  "]))
+        return json.dumps(row).encode(), f"the {key} {row[key]!r} tokenizes to nothing"
+    raise AssertionError(fault)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), fault=st.sampled_from(PARSE_FAULTS + BUILD_FAULTS))
+def test_a_malformed_jsonl_row_is_rejected_naming_file_line_and_key(tmp_path_factory, word, data, fault):
+    words = sorted(w for w in word.get_vocab() if w.isascii() and w.isalpha())
+    rows = data.draw(st.lists(jsonl_row(words), max_size=3), label="valid rows")
+    spoilt, fragment = _spoil(data.draw, fault, data.draw(jsonl_row(words)), words)
+    lines = [json.dumps(r).encode() for r in rows] + [spoilt]
+    for _ in range(data.draw(st.integers(0, 3))):  # blank lines count too
+        lines.insert(data.draw(st.integers(0, len(lines) - 1)), data.draw(st.sampled_from([b"", b"  ", b"\t"])))
+    line = lines.index(spoilt) + 1
+    eol = data.draw(st.sampled_from([b"\n", b"\r\n"]))
+    path = tmp_path_factory.mktemp("jsonl") / "rows.jsonl"
+    path.write_bytes(data.draw(st.sampled_from([b"", b"\xef\xbb\xbf"])) + eol.join(lines) + eol)  # a BOM or not
+    with pytest.raises(ValueError) as e:
+        JsonlTask(path).build(word)
+    message = str(e.value)
+    assert type(e.value) is ValueError, message  # not a UnicodeDecodeError, JSONDecodeError, ...
+    assert message.startswith(f"{path}:{line}: ") and fragment in message, message
+
+
+@settings(max_examples=20, deadline=None)
+@given(blank=st.lists(st.sampled_from(["", " ", "\t", "\u00a0"]), max_size=4), eol=st.sampled_from(["\n", "\r\n"]),
+       bom=st.booleans())
+def test_a_jsonl_file_without_rows_is_rejected_naming_it(tmp_path_factory, blank, eol, bom):
+    path = tmp_path_factory.mktemp("jsonl") / "blank.jsonl"
+    path.write_text(("\ufeff" if bom else "") + eol.join(blank), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no examples")):
+        JsonlTask(path)
