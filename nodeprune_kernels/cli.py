@@ -180,6 +180,16 @@ def main(argv=None) -> int:
     _common(p)
     p = sub.add_parser("compare", help="coarse (blocks, heads) against fine (every granularity) on one task")
     _common(p)
+    p = sub.add_parser("attribute", help="score every node by attribution patching (atp) or integrated "
+                       "gradients (ig): a fast first answer")
+    _common(p)
+    p.add_argument("--method", choices=["atp", "ig"], default="atp", help="atp: one forward and backward per "
+                   "batch; ig: --ig-steps of them (default: atp)")
+    p.add_argument("--metric", choices=["logit_diff", "kl"], default=None,
+                   help="default: logit_diff for atp, kl for ig (atp cannot use kl)")
+    p.add_argument("--ig-steps", type=int, default=8, help="trapezoid points over the gate value (default: 8)")
+    p.add_argument("--fraction", type=float, default=0.1,
+                   help="circuit.json keeps this fraction of every granularity's nodes by |score| (default: 0.1)")
     p = sub.add_parser("show", help="print a finished run's circuit and metrics, redraw its plots")
     p.add_argument("run_dir")
     p.add_argument("--html", action="store_true", help="also write RUN_DIR/circuit.html, the interactive circuit "
@@ -235,6 +245,14 @@ def main(argv=None) -> int:
 
     try:
         config = config_from_args(args)
+        if args.command == "attribute":  # before any model loads
+            from .pruning.attribution import check_method, ig_points
+
+            check_method(args.method, args.metric)
+            if args.method == "ig":
+                ig_points(args.ig_steps)
+            if not 0.0 <= args.fraction <= 1.0:
+                raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
     except ValueError as e:
         parser.error(str(e))
     from .pruning import distributed as dist
@@ -259,6 +277,15 @@ def main(argv=None) -> int:
 def _prune_or_compare(args, task, config: PruneConfig, rank: int) -> None:
     model, tokenizer = load_model(args.model, config.dtype, args.device)
     progress = not args.no_progress
+    if args.command == "attribute":
+        from .pruning.attribution import attribute_run
+
+        summary = attribute_run(model, task, args.out, method=args.method, metric=args.metric,
+                                ig_steps=args.ig_steps, fraction=args.fraction, config=config, tokenizer=tokenizer,
+                                progress=progress)
+        if rank == 0:
+            print(summary)
+        return
     if args.command == "prune":
         from .pruning.run import prune
 

@@ -21,7 +21,7 @@ from ..tasks.base import TaskData
 from . import distributed as dist
 from . import outputs
 from .config import PruneConfig
-from .evaluate import ablation_context, batch_inputs, evaluate_circuit, faithfulness_curve
+from .evaluate import ablation_context, batch_inputs, estimate_means, evaluate_circuit, faithfulness_curve
 from .objectives import check_objective, gather_positions, objective_sum
 from .path import SizePath
 from .sparsity import expected_sparsity
@@ -276,9 +276,7 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         if world > 1:
             dist.shard_model(model, masks.family)
         if config.ablation == "mean":
-            device = masks._device
-            masks.estimate_means(batch_inputs(train, torch.arange(s, min(s + config.batch_size, len(train))), device)
-                                 for s in range(0, len(train), config.batch_size))
+            estimate_means(masks, train, config.batch_size)
         sparsity = config.sparsity_term(config.warmup_steps()).to(masks._device)
         opt = torch.optim.AdamW(masks.parameters(), lr=config.lr, weight_decay=0.0)
         lambda_opt = sparsity.optimizer(config.lambda_lr)
