@@ -13,12 +13,19 @@ stopped after step STOP_AFTER (its step-4 checkpoint written) and resumed by a s
 OUT_DIR/prune_rank{r}.pt: each run's returned log_alpha, history, circuit and metrics, the training steps its
 last ``prune`` call ran, whether the model was sharded, and every file this rank created, renamed or opened
 for writing under OUT_DIR.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_worker.py killable RUN [slow]
+
+runs the same ``prune`` into the directory RUN, resuming its checkpoint if it has one, and prints the steps
+each rank trained; with ``slow``, every step after the step-4 checkpoint sleeps :data:`SLOW_S` seconds, so
+that the test can kill the run there.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 
 import torch
 
@@ -199,6 +206,30 @@ def main_prune(out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+SLOW_S = 1.5  # the killed run's steps 5 and 6 each take this long
+
+
+def main_killable(run_dir: str, slow: str | None = None) -> None:
+    assert D.init_from_env(), "run me with torchrun"
+    from test_pruning import induction_data
+
+    from nodeprune_kernels.pruning import run as run_mod
+
+    real, ran = run_mod._train_step, []
+
+    def train_step(*args, **kwargs):
+        ran.append(args[7])  # the step (0-based)
+        out = real(*args, **kwargs)
+        if slow and args[7] >= PRUNE["checkpoint_every"]:
+            time.sleep(SLOW_S)
+        return out
+
+    run_mod._train_step = train_step
+    run_mod.prune(tiny_model("llama"), induction_data(), prune_config(), run_dir=run_dir, progress=False)
+    print(f"rank {D.dist_info()[0]} trained steps {ran}", flush=True)
+    torch.distributed.destroy_process_group()
+
+
 def main(out_dir: str, family: str = "llama") -> None:
     assert D.init_from_env(), "run me with torchrun"
     rank, world = D.dist_info()
@@ -215,5 +246,7 @@ def main(out_dir: str, family: str = "llama") -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "prune":
         main_prune(*sys.argv[2:])
+    elif sys.argv[1] == "killable":
+        main_killable(*sys.argv[2:])
     else:
         main(*sys.argv[1:])

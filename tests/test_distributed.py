@@ -1,11 +1,14 @@
 """FSDP2 scale-out (nodeprune_kernels.pruning.distributed): two CPU processes under torchrun (gloo), each with
 a shard of a tiny Llama's weights and its share of every batch, train the gates exactly like one process on
 the whole batch; the whole pruning run (``prune``, and ``nodeprune prune``) under torchrun gives one
-process's gates, circuit and log, written by rank 0 alone."""
+process's gates, circuit and log, written by rank 0 alone, and a run SIGKILLed under torchrun (launcher and
+ranks) resumes under torchrun with nothing lost."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -168,6 +171,80 @@ def test_prune_two_ranks_match_one_process(pruned):
             == json.loads((single_dir / "whole" / "circuit.json").read_text()))
     for k, v in single["metrics"].items():
         assert r0["whole"]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie that nobody reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            pass
+    return out
+
+
+def _kill_all(launcher: int) -> list:
+    """SIGKILL torchrun and its ranks, each rank's process group too (torchrun starts every rank in a session of
+    its own, so killing torchrun's group does not reach them); returns the ranks' pids. torchrun is stopped
+    first, so that it neither reacts to its ranks' deaths nor starts new ones."""
+    try:
+        os.kill(launcher, signal.SIGSTOP)
+    except ProcessLookupError:
+        return []
+    ranks = _children(launcher)
+    for pid in [launcher] + ranks:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return ranks
+
+
+def test_a_killed_torchrun_run_resumes_with_nothing_lost(pruned, tmp_path):
+    """torchrun and both ranks SIGKILLed mid-run, after the step-4 checkpoint; torchrun again on the run directory
+    resumes it, and the run ends exactly as the uninterrupted two-rank run (``pruned``'s OUT/whole) did."""
+    from nodeprune_kernels.pruning.outputs import load_gates
+
+    whole, run = pruned[0] / "whole", tmp_path / "killed"
+    args = [os.path.join(HERE, "_dist_worker.py"), "killable", str(run)]
+    proc = subprocess.Popen(TORCHRUN + args + ["slow"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stdout.read()[-6000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # into step 5 (steps 5 and 6 take W.SLOW_S each)
+    finally:
+        ranks = _kill_all(proc.pid)
+        proc.communicate(timeout=60)  # the ranks write to torchrun's stdout: EOF once every one is gone
+    deadline = time.monotonic() + 30
+    while any(map(_alive, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(ranks) == 2 and not any(map(_alive, ranks)), f"ranks {ranks}: one survived SIGKILL"
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4  # killed between steps 4 and 6
+    assert not (run / "circuit.json").exists() and not (run / "metrics.json").exists()
+
+    _, log = _torchrun(args)  # resumes from rank 0's checkpoint: steps 5 and 6 (0-based 4, 5)
+    assert "rank 0 trained steps [4, 5]" in log and "rank 1 trained steps [4, 5]" in log, log[-6000:]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == W.PRUNE["steps"]
+    a, b = load_gates(run / "gates.safetensors"), load_gates(whole / "gates.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[g], b[g]) for g in a)
+    for name in ("history.json", "circuit.json", "metrics.json"):
+        assert json.loads((run / name).read_text()) == json.loads((whole / name).read_text()), name
 
 
 def test_nodeprune_prune_cli_under_torchrun(tmp_path):
