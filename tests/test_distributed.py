@@ -33,14 +33,56 @@ def _env() -> dict:
     return env
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie that nobody reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            pass
+    return out
+
+
+def _kill_all(launcher: int) -> list:
+    """SIGKILL torchrun and its ranks, each rank's process group too (torchrun starts every rank in a session of
+    its own, so killing torchrun's group does not reach them); returns the ranks' pids. torchrun is stopped
+    first, so that it neither reacts to its ranks' deaths nor starts new ones."""
+    try:
+        os.kill(launcher, signal.SIGSTOP)
+    except ProcessLookupError:
+        return []
+    ranks = _children(launcher)
+    for pid in [launcher] + ranks:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return ranks
+
+
 def _torchrun(args, reference=lambda: None, timeout=180):
     """torchrun (2 ranks) of ``args`` while this process computes ``reference()``: (its result, the log)."""
-    proc = subprocess.Popen(TORCHRUN + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(TORCHRUN + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         result = reference()
         log, _ = proc.communicate(timeout=timeout)
     finally:
-        proc.kill()
+        if proc.poll() is None:  # an error or a timeout: no rank is left running
+            _kill_all(proc.pid)
+            proc.communicate(timeout=60)
     assert proc.returncode == 0, f"torchrun failed:\n{log[-6000:]}"
     return result, log
 
@@ -171,45 +213,6 @@ def test_prune_two_ranks_match_one_process(pruned):
             == json.loads((single_dir / "whole" / "circuit.json").read_text()))
     for k, v in single["metrics"].items():
         assert r0["whole"]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie that nobody reaped does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except FileNotFoundError:
-        return False
-
-
-def _children(pid: int) -> list:
-    """The pids whose parent is ``pid`` (from /proc)."""
-    out = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry))
-        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
-            pass
-    return out
-
-
-def _kill_all(launcher: int) -> list:
-    """SIGKILL torchrun and its ranks, each rank's process group too (torchrun starts every rank in a session of
-    its own, so killing torchrun's group does not reach them); returns the ranks' pids. torchrun is stopped
-    first, so that it neither reacts to its ranks' deaths nor starts new ones."""
-    try:
-        os.kill(launcher, signal.SIGSTOP)
-    except ProcessLookupError:
-        return []
-    ranks = _children(launcher)
-    for pid in [launcher] + ranks:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return ranks
 
 
 def test_a_killed_torchrun_run_resumes_with_nothing_lost(pruned, tmp_path):
