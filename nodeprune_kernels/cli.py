@@ -12,7 +12,7 @@ import os
 import sys
 
 from .model.masks import ABLATIONS, GRANULARITIES
-from .pruning.config import COARSE, DEFAULT_TARGETS, DTYPES, PruneConfig
+from .pruning.config import COARSE, DEFAULT_TARGETS, DTYPES, INITS, PruneConfig
 from .pruning.objectives import OBJECTIVES
 from .pruning.sparsity import SPARSITY_MODES, TARGET_UPDATES
 from .utils.backend import BACKENDS
@@ -27,6 +27,8 @@ _HELP = {
     "warmup": "fraction of the steps over which the targets ramp up (default: 0.5; 0.9 with --sparsity path)",
     "target_update": "how targets are held: projection (log_alphas shifted after each step) or lagrangian",
     "target_tolerance": "a final expected sparsity further than this from its target is reported",
+    "kl_budget": "--sparsity budget: the largest training KL the circuit may have (e.g. 0.05)",
+    "init": "constant (init_log_alpha for every gate) or attribution (each gate from its node's attribution rank)",
     "path_sizes": "--sparsity path: the circuit sizes to cut at, comma-separated fractions of the gated nodes",
     "circuit_size": "an exact circuit size by the gates' ranking: g=count (int) or g=fraction (float), comma-"
                     "separated (e.g. head=12,mlp_neuron=0.05), or one fraction for every gated granularity",
@@ -37,7 +39,8 @@ _HELP = {
     "checkpoint_every": "steps between checkpoints",
 }
 _CHOICES = {"ablation": ABLATIONS, "objective": OBJECTIVES, "sparsity": SPARSITY_MODES, "backend": BACKENDS,
-            "dtype": DTYPES, "circuit_method": ("threshold", "expected_zeros"), "target_update": TARGET_UPDATES}
+            "dtype": DTYPES, "circuit_method": ("threshold", "expected_zeros"), "target_update": TARGET_UPDATES,
+            "init": INITS}
 
 
 def _granularities(text: str) -> tuple:
@@ -104,7 +107,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kw.update(action="append", metavar="K=V")
         elif f.name == "n_eval":
             kw["type"] = _n_eval
-        elif f.name == "warmup":
+        elif f.name in ("warmup", "kl_budget"):
             kw["type"] = float
         elif f.name == "circuit_size":
             kw["type"] = _circuit_size

@@ -16,8 +16,9 @@ COARSE = ("layer", "attn", "head", "mlp")  # block and head granularities only
 # harder the finer the granularity. Set ``targets`` for your model and task.
 DEFAULT_TARGETS = {"layer": 0.0, "attn": 0.25, "head": 0.5, "attn_neuron": 0.75, "mlp": 0.25, "mlp_neuron": 0.9,
                    "mlp_out": 0.5}
+INITS = ("constant", "attribution")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_WARMUP = {"penalty": 0.5, "target": 0.5, "path": 0.9}  # warmup=None: the fraction of the steps, per mode
+DEFAULT_WARMUP = {"penalty": 0.5, "target": 0.5, "path": 0.9, "budget": 0.0}  # warmup=None: the fraction of the steps, per mode
 
 
 @dataclass
@@ -40,9 +41,15 @@ class PruneConfig:
     ``sparsity="path"``: the targets rise from 0 to ``targets`` (None: ``1 - min(path_sizes)`` for every
     gated granularity) over ``warmup`` (None: 0.9), geometrically in the kept fraction, and a circuit is cut
     at each size of ``path_sizes`` (fractions of the gated nodes kept; MIB's ten by default) as the run
-    passes it (docs/sparsity.md).
+    passes it (docs/sparsity.md). ``sparsity="budget"``: as small a circuit as keeps the training KL at or
+    below ``kl_budget``: the targets are one pressure in [0, 1], adapted each step from the KL, times
+    ``targets`` (the most each granularity may be pruned; None: ``DEFAULT_TARGETS``), held by the projection
+    (objective "kl").
 
-    Optimisation: ``steps``, ``batch_size``, ``lr`` (AdamW on log_alpha, no weight decay).
+    Optimisation: ``steps``, ``batch_size``, ``lr`` (AdamW on log_alpha, no weight decay). ``init``:
+    "constant" (log_alpha as above) or "attribution": each log_alpha starts from its node's attribution rank
+    (``NodeScores.to_log_alpha``; AtP on the logit difference where the task has distractors, else IG on
+    the KL; docs/attribution.md).
 
     Data: ``n_examples`` generated (tasks from a file use all their rows), ``n_eval`` held out (a count, a
     fraction, or None: min(64, a quarter of the examples); a file's ``split`` column wins; the count used is in
@@ -68,12 +75,14 @@ class PruneConfig:
     lambda_lr: float = 0.05
     warmup: float | None = None
     target_tolerance: float = 0.05
+    kl_budget: float | None = None
     path_sizes: tuple = MIB_SIZES
     steps: int = 300
     batch_size: int = 16
     lr: float = 0.1
     init_log_alpha: float = 3.0
     init_std: float = 0.0
+    init: str = "constant"
     seed: int = 0
     n_examples: int = 256
     n_eval: int | float | None = None
@@ -98,6 +107,14 @@ class PruneConfig:
         if self.target_update not in TARGET_UPDATES:
             raise ValueError(f"unknown target_update {self.target_update!r}; choose one of {', '.join(TARGET_UPDATES)}")
         self.path_sizes = check_path_sizes(self.path_sizes)
+        if self.sparsity == "budget" and self.objective != "kl":
+            raise ValueError(f"sparsity='budget' holds the training KL to kl_budget, so it needs objective 'kl', "
+                             f"not {self.objective!r}")
+        if self.kl_budget is not None and self.sparsity != "budget":
+            raise ValueError(f"kl_budget is used by sparsity='budget' only (this run's sparsity is "
+                             f"{self.sparsity!r}); set sparsity='budget' or drop kl_budget")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         self.sparsity_term()  # validates lambdas / targets
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -139,7 +156,8 @@ class PruneConfig:
             targets = 1.0 - min(self.path_sizes)
         elif targets is None:
             targets = {g: DEFAULT_TARGETS[g] for g in self.granularities}
-        return Sparsity(self.granularities, self.sparsity, self.lambdas, targets, warmup_steps, self.target_update)
+        return Sparsity(self.granularities, self.sparsity, self.lambdas, targets, warmup_steps, self.target_update,
+                        kl_budget=self.kl_budget)
 
     def circuit_size_kwargs(self) -> dict:
         """``circuit_size`` as the ``size`` / ``fraction`` arguments of ``NodeMasks.circuit``."""

@@ -80,7 +80,11 @@ def missed_targets(final: dict, targets: dict, tolerance: float) -> list:
 
 
 def missed_lines(metrics: dict) -> list:
-    """One line per missed target (``metrics["targets_missed"]``), saying what to do; none if all were met."""
+    """One line per missed target (``metrics["targets_missed"]``), or the missed KL budget
+    (``metrics["budget_missed"]``), saying what to do; none if all were met."""
+    if metrics.get("budget_missed"):
+        return [f"KL BUDGET MISSED: the training KL ends at {metrics['budget/kl_average']:.4f} (moving average), "
+                f"above the budget {metrics['kl_budget']:g}; give more steps, or loosen the budget"]
     missed = metrics.get("targets_missed") or []
     tol = metrics.get("target_tolerance")
     return [f"TARGET MISSED: {g} ends at expected sparsity {metrics[f'sparsity/{g}']:.3f}, its target is "
@@ -217,7 +221,22 @@ def _load_on_rank0(run_dir: Path, config: PruneConfig, meta: dict, rank: int, wo
     return box[0]
 
 
-def _init_gates(masks, config: PruneConfig) -> None:
+def _attribution_init(model, data: TaskData, config: PruneConfig):
+    """``init="attribution"``: the NodeScores the gates start from (AtP on the logit difference where every
+    position has a distractor, else IG with 8 steps on the KL), on the run's training split."""
+    from .attribution import attribute
+
+    has_distractors = bool((data.distractor[data.positions] >= 0).all())
+    method, metric = ("atp", "logit_diff") if has_distractors else ("ig", "kl")
+    return attribute(model, data, method=method, metric=metric, config=config, progress=False)
+
+
+def _init_gates(masks, config: PruneConfig, scores=None) -> None:
+    """log_alpha from the attribution ranking (``scores``, a NodeScores) if given, then the init_std noise."""
+    if scores is not None:
+        with torch.no_grad():
+            for g, la in scores.to_log_alpha(config.init_log_alpha).items():
+                masks.log_alpha[g].copy_(la.to(masks.log_alpha[g].device))
     if config.init_std > 0:
         g = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
@@ -267,12 +286,13 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
     if state is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=True) or choose another directory")
 
+    scores = _attribution_init(model, data, config) if config.init == "attribution" and state is None else None
     was_training = model.training
     model.eval()
     masks = apply_node_pruning(model, config.granularities, config.ablation, config.backend, config.seed,
                                init_log_alpha=config.init_log_alpha)
     try:
-        _init_gates(masks, config)
+        _init_gates(masks, config, scores)
         if world > 1:
             dist.shard_model(model, masks.family)
         if config.ablation == "mean":
@@ -377,7 +397,7 @@ def _train_step(model, masks, train: TaskData, sparsity, opt, lambda_opt, config
     objective_v, penalty_v = (float(v) for v in values)
     if math.isfinite(objective_v + penalty_v):
         opt.step()
-        sparsity.after_step(masks, step + 1, lambda_opt)  # multipliers (and the projection) for the next step
+        sparsity.after_step(masks, step + 1, lambda_opt, objective_v)  # multipliers, projection, budget
     logs = {"step": step + 1, "loss": objective_v + penalty_v, "objective": objective_v}
     logs.update({f"sparsity/{g}": float(v.detach()) for g, v in s.items()})
     logs["sparsity/mean"] = sum(logs[f"sparsity/{g}"] for g in s) / len(s)
@@ -402,7 +422,11 @@ def _end_of_run_checks(masks, sparsity, config: PruneConfig, circuit, metrics: d
     with torch.no_grad():
         final = {g: float(v) for g, v in expected_sparsity(masks).items()}
     metrics.update({f"sparsity/{g}": v for g, v in final.items()})
-    if sparsity.mode != "penalty":
+    if sparsity.mode == "budget":
+        metrics.update({"kl_budget": sparsity.kl_budget, "budget/kl_average": float(sparsity.kl_average),
+                        "budget/pressure": float(sparsity.pressure), "budget_missed": sparsity.budget_missed()})
+        notes += missed_lines(metrics)
+    elif sparsity.mode != "penalty":
         targets = sparsity.target_at(config.steps)
         metrics.update({f"target/{g}": t for g, t in targets.items()})
         metrics["target_tolerance"] = config.target_tolerance

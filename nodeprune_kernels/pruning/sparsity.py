@@ -20,21 +20,35 @@ penalties and targets mean the same at every granularity.
   - ``"lagrangian"``: the multipliers trained by plain gradient ascent (SGD at ``lambda_lr``) on the same
     loss, nothing else. How close it ends to the targets depends on that rate and on the objective's scale
     (docs/sparsity.md has measurements).
+* ``"budget"``: as sparse as the training KL allows, at most ``kl_budget``: the targets are one pressure
+  ``p`` in [0, 1] times the ``targets`` (the most each granularity may be pruned, so their proportions), held
+  by the projection update, and ``p`` is adapted online. After every step, with the exponential moving
+  average ``K`` (decay ``BUDGET_EMA``) of the step's KL (each step's clipped at ``BUDGET_CLIP`` times the
+  budget, so one gate sample that happens to close a vital node moves it a bounded step),
+  ``p += BUDGET_RATE * clamp((budget - K) / budget, -1, 1)`` unless ``K`` is within ``BUDGET_TOLERANCE``
+  (relative) of the budget. Pressure rises while the circuit is more faithful than asked and falls when it is
+  less; the projection makes every change of ``p`` felt at the next step, both ways.
 * ``"path"``: as ``"target"``, with targets that rise geometrically in the kept fraction,
   ``1 - t_g(step) = (1 - T_g) ** (step / ramp_steps)``, from 0 to the maximum ``T_g``: the run passes every
   circuit size between, and :mod:`.path` cuts a circuit at each size of a grid on the way.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..ops.hard_concrete.reference import expected_l0_reference
 
-SPARSITY_MODES = ("penalty", "target", "path")
+SPARSITY_MODES = ("penalty", "target", "path", "budget")
 TARGET_UPDATES = ("projection", "lagrangian")
 PROJECTION_FLOOR = 1e-3  # the smallest sparsity the projection holds a granularity to
 _BISECTION_STEPS = 40  # the bracket (~100 wide) narrowed 2**40-fold: below float32 resolution
+BUDGET_EMA = 0.9  # decay of the KL's moving average in budget mode
+BUDGET_TOLERANCE = 0.1  # relative: a moving-average KL within 10% of the budget leaves the pressure alone
+BUDGET_RATE = 0.02  # the budget's pressure moves at most this much per step
+BUDGET_CLIP = 2.0  # a step's KL enters the moving average at most at this multiple of the budget
 
 
 def per_granularity(value, granularities, what: str) -> dict:
@@ -85,14 +99,14 @@ class Sparsity(nn.Module):
     """The sparsity term of the loss. ``forward(masks, step)`` returns (loss term, {g: expected sparsity});
     :meth:`after_step` updates the multipliers (and projects) after each optimizer step of the gates.
 
-    In target and path modes the module holds the Lagrange multipliers (``lambda1``, ``lambda2``, one per
+    In target, path and budget modes the module holds the Lagrange multipliers (``lambda1``, ``lambda2``, one per
     gated granularity) as parameters, stepped by :meth:`optimizer`'s optimizer (ascent, ``maximize=True``).
     ``warmup_steps``: the steps over which the targets rise (linearly in ``"target"`` mode, geometrically in
     the kept fraction in ``"path"`` mode).
     """
 
     def __init__(self, granularities, mode: str = "penalty", lambdas=1.0, targets=0.5, warmup_steps: int = 0,
-                 update: str = "projection"):
+                 update: str = "projection", kl_budget: float | None = None):
         super().__init__()
         if mode not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(SPARSITY_MODES)}")
@@ -105,6 +119,16 @@ class Sparsity(nn.Module):
             if any(v < 0 for v in self.lambdas.values()):
                 raise ValueError(f"penalty lambdas must be >= 0, got {self.lambdas}")
             return
+        if mode == "budget":
+            if kl_budget is None or not float(kl_budget) > 0:
+                raise ValueError(f"sparsity='budget' needs kl_budget > 0 (the largest training KL the circuit may "
+                                 f"have, e.g. 0.05), got {kl_budget}")
+            if update != "projection":
+                raise ValueError("sparsity='budget' moves its targets every step and needs target_update="
+                                 "'projection' to follow them")
+            self.kl_budget = float(kl_budget)
+            self.register_buffer("pressure", torch.tensor(0.0, dtype=torch.float64))
+            self.register_buffer("kl_average", torch.tensor(float("nan"), dtype=torch.float64))
         self.targets = per_granularity(targets, self.granularities, "targets")
         bad = {g: t for g, t in self.targets.items() if not 0.0 <= t < 1.0}
         if bad:
@@ -114,7 +138,10 @@ class Sparsity(nn.Module):
         self.lambda2 = nn.Parameter(torch.zeros(n))
 
     def ramp(self, step: int) -> float:
-        """How far the targets have risen at ``step``: 0 at step 0, 1 from ``warmup_steps`` on."""
+        """How far the targets have risen at ``step``: 0 at step 0, 1 from ``warmup_steps`` on (budget mode:
+        the pressure)."""
+        if self.mode == "budget":
+            return float(self.pressure)
         return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
 
     def target_at(self, step: int) -> dict:
@@ -136,10 +163,26 @@ class Sparsity(nn.Module):
         l1, l2 = self.lambda1.to(gap.device), self.lambda2.to(gap.device)
         return (l1 * gap + l2 * gap * gap).sum(), s
 
-    def after_step(self, masks, step: int, lambda_opt) -> None:
+    def observe_kl(self, kl: float) -> None:
+        """Budget mode: fold one step's training KL into the moving average and adapt the pressure."""
+        kl = min(kl, BUDGET_CLIP * self.kl_budget)  # a rare sample closing a vital node moves it a bounded step
+        avg = kl if math.isnan(float(self.kl_average)) else BUDGET_EMA * float(self.kl_average) + (1 - BUDGET_EMA) * kl
+        self.kl_average.fill_(avg)
+        error = (self.kl_budget - avg) / self.kl_budget
+        if abs(error) > BUDGET_TOLERANCE:
+            self.pressure.fill_(min(1.0, max(0.0, float(self.pressure) + BUDGET_RATE * max(-1.0, min(1.0, error)))))
+
+    def budget_missed(self) -> bool:
+        """Budget mode: the moving-average KL ends above the budget by more than the tolerance."""
+        return float(self.kl_average) > self.kl_budget * (1 + BUDGET_TOLERANCE)
+
+    def after_step(self, masks, step: int, lambda_opt, objective: float | None = None) -> None:
         """After the gates' optimizer step; ``step`` is the step the gates are used at next. Lagrangian: one
         ascent step of the multipliers on the loss's gradient. Projection: one ascent step on the gap the
-        gates' step left (below the ramping target only, while it ramps), then :meth:`project`."""
+        gates' step left (below the ramping target only, while it ramps), then :meth:`project`. Budget:
+        first :meth:`observe_kl` of ``objective`` (the step's KL), then as projection, to exact targets."""
+        if self.mode == "budget":
+            self.observe_kl(float(objective))
         if self.mode == "penalty":
             return
         if self.update == "lagrangian":
@@ -147,7 +190,7 @@ class Sparsity(nn.Module):
             return
         with torch.no_grad():
             gap = self._gap(expected_sparsity(masks), step).to(self.lambda1.device)
-            if self.ramp(step) < 1.0:
+            if self.ramp(step) < 1.0 and self.mode != "budget":
                 gap = gap.clamp(max=0.0)
         self.lambda1.grad, self.lambda2.grad = gap.clone(), gap * gap
         lambda_opt.step()
@@ -159,7 +202,7 @@ class Sparsity(nn.Module):
         penalty mode."""
         if self.mode == "penalty" or self.update == "lagrangian":
             return
-        ramping = self.ramp(step) < 1.0
+        ramping = self.ramp(step) < 1.0 and self.mode != "budget"  # the budget's targets go both ways
         for g, t in self.target_at(step).items():
             shift_to_sparsity(masks.log_alpha[g], max(t, PROJECTION_FLOOR), at_least=ramping)
 
@@ -176,6 +219,8 @@ class Sparsity(nn.Module):
         if self.mode == "penalty":
             return {f"lambda/{g}": v for g, v in self.lambdas.items()}
         out = {}
+        if self.mode == "budget":
+            out = {"budget/pressure": float(self.pressure), "budget/kl_average": float(self.kl_average)}
         for i, g in enumerate(self.granularities):
             out[f"lambda1/{g}"] = float(self.lambda1[i].detach())
             out[f"lambda2/{g}"] = float(self.lambda2[i].detach())
