@@ -58,6 +58,7 @@ def test_the_projection_update_prices_the_gates_and_meets_the_target():
     sp.after_step(masks, 4, opt)  # ramping: at least 0.4 * target, and a gap below it moves the price
     s = {g: float(v.detach()) for g, v in expected_sparsity(masks).items()}
     assert s["head"] >= 0.2 - 1e-5 and s["mlp_neuron"] >= 0.32 - 1e-5
+    assert (sp.lambda1.detach() < 0).all()  # the gates' step left them denser than the target: price up
     sp.after_step(masks, 10, opt)  # ramped: exactly the targets
     s = {g: float(v.detach()) for g, v in expected_sparsity(masks).items()}
     assert s == pytest.approx({"head": 0.5, "mlp_neuron": 0.8}, abs=1e-5)
@@ -151,10 +152,11 @@ def test_a_size_left_closed_by_the_threshold_cut_is_an_error_or_the_closest():
     npk.remove_node_pruning(model)
 
 
-def test_prune_cuts_the_circuit_size_asked(tmp_path, capsys):
+def test_prune_cuts_the_circuit_size_asked(monkeypatch):
     res = prune(tiny_model("llama"), induction_data(), PruneConfig(
         ablation="zero", granularities=HM, circuit_size={"head": 3, "mlp_neuron": 0.25}, **FAST), progress=False)
     assert res.circuit.counts()["head"][0] == 3 and res.circuit.counts()["mlp_neuron"][0] == 20
+    monkeypatch.setattr(run_mod, "_train_step", lambda *a: pytest.fail("trained before checking circuit_size"))
     with pytest.raises(ValueError, match=r"size\['head'\] must be an int in \[0, 8\]"):  # before any training
         prune(tiny_model("llama"), induction_data(), PruneConfig(granularities=HM, circuit_size={"head": 9},
                                                                   **FAST), progress=False)
@@ -176,6 +178,25 @@ def test_share_and_areas():
     assert cmd == pytest.approx(float(torch.trapezoid(1 - torch.tensor(f), torch.tensor(x))))
     assert path_mod.areas([1.0], [1.0]) == (None, None)
     assert path_mod.circuit_name(0.001) == "size_0.1pct.json" and path_mod.circuit_name(1.0) == "size_100pct.json"
+
+
+def test_path_circuits_stay_inside_the_larger_ones_when_the_ranking_changes():
+    model, masks = _random_masks(HM, open_blocks=False)
+    path = path_mod.SizePath((1.0, 0.5, 0.2))
+    shift_to_sparsity(masks.log_alpha["head"], 0.5)
+    shift_to_sparsity(masks.log_alpha["mlp_neuron"], 0.5)
+    path.update(masks, 0)
+    assert sorted(path.cut) == [0.5, 1.0]
+    with torch.no_grad():
+        for la in masks.log_alpha.values():
+            la.neg_()  # the ranking turned upside down: a fresh top-20% would lie outside the 50% circuit
+    shift_to_sparsity(masks.log_alpha["head"], 0.85)
+    shift_to_sparsity(masks.log_alpha["mlp_neuron"], 0.85)
+    path.update(masks, 7)
+    small, big = path.cut[0.2][1], path.cut[0.5][1]
+    assert path.cut[0.2][0] == 7 and sum(small.counts()[g][0] for g in HM) == int(0.2 * 88)
+    assert all(not (small.kept[g] & ~big.kept[g]).any() for g in HM)
+    npk.remove_node_pruning(model)
 
 
 PATH = dict(ablation="zero", granularities=HM, sparsity="path", path_sizes=(1.0, 0.5, 0.2, 0.1, 0.02),

@@ -4,7 +4,11 @@
     <run_dir>/checkpoint.pt      step, gates, optimizer and Lagrange-multiplier state, history (resume)
     <run_dir>/gates.safetensors  log_alpha per granularity (float32), the latest
     <run_dir>/circuit.json       the binary circuit (Circuit.to_json)
-    <run_dir>/metrics.json       held-out metrics, kept fractions, the faithfulness curve
+    <run_dir>/metrics.json       held-out metrics, kept fractions, the faithfulness curve, final sparsity against
+                                 the targets (sparsity/<g>, target/<g>, target_tolerance, targets_missed)
+    <run_dir>/circuits/size_<p>pct.json, path.json, path.png
+                                 sparsity="path" runs: the circuit cut at each size (p in percent of the gated
+                                 nodes, e.g. size_0.1pct.json), the size-vs-faithfulness table (pruning.path)
     <run_dir>/history.json       the training log
     <run_dir>/*.png              plots (nodeprune_kernels.pruning.report)
     <run_dir>/circuit.html       the interactive circuit viewer, one self-contained page (pruning.viewer)

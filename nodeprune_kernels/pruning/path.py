@@ -15,8 +15,9 @@ grid size ``p`` (or below), the circuit of that size is cut:
 
 At the end every circuit is scored on the held-out examples (:func:`evaluate_circuit`), with MIB's
 faithfulness ``f(C) = (m(C) - m(empty)) / (m(full) - m(empty))`` (``m``: the logit difference where the task
-has distractors, else minus the KL, so ``f = 1 - KL(C) / KL(empty)``), and its areas over the sizes
-reached (:func:`areas`). The run directory keeps ``circuits/size_<p>pct.json``, ``path.json`` and
+has distractors, else minus the KL, so ``f = 1 - KL(C) / KL(empty)``; the KL form is also given as
+``faithfulness_kl``), and its areas over the sizes reached (:func:`areas`: CPR and CMD, and ``cpr_kl``,
+``cmd_kl``). The run directory keeps ``circuits/size_<p>pct.json``, ``path.json`` and
 ``path.png``.
 """
 from __future__ import annotations
@@ -109,7 +110,8 @@ class SizePath:
 
     @torch.no_grad()
     def evaluate(self, model, masks, data, batch_size: int) -> dict:
-        """Score every path circuit (and the empty circuit) on ``data``: the size-vs-faithfulness table."""
+        """Score every path circuit (and the empty circuit) on ``data``: the size-vs-faithfulness table
+        (``metric``, ``empty``, ``points``, ``cpr``, ``cmd``, ``cpr_kl``, ``cmd_kl``, ``not_reached``)."""
         empty_kept = {g: torch.zeros(la.shape, dtype=torch.bool) for g, la in masks.log_alpha.items()}
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         empty = evaluate_circuit(model, masks, data, Circuit(empty_kept, masks.dims, None, model_type), batch_size)
@@ -120,11 +122,13 @@ class SizePath:
             point = {"size": p, "step": step, "nodes_kept": nodes_kept(c)}
             point.update({f"n/{g}": k for g, (k, _, _) in c.counts().items() if g in c.kept})
             point.update(m)
-            point["faithfulness"] = faithfulness(m, empty, metric)
+            point.update(faithfulness=faithfulness(m, empty, metric), faithfulness_kl=faithfulness(m, empty, "kl"))
             points.append(point)
-        cpr, cmd = areas([p["size"] for p in points], [p["faithfulness"] for p in points])
-        return {"metric": metric, "empty": empty, "points": points, "cpr": cpr, "cmd": cmd,
-                "not_reached": self.not_reached()}
+        table = {"metric": metric, "empty": empty, "points": points, "not_reached": self.not_reached()}
+        for suffix, key in (("", "faithfulness"), ("_kl", "faithfulness_kl")):
+            cpr, cmd = areas([p["size"] for p in points], [p[key] for p in points])
+            table.update({f"cpr{suffix}": cpr, f"cmd{suffix}": cmd})
+        return table
 
     def write(self, run_dir: Path, table: dict) -> None:
         """circuits/size_<p>pct.json for every circuit, path.json (the table) and path.png."""
