@@ -181,8 +181,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prune", help="find a model's circuit for a task")
     _common(p)
-    p = sub.add_parser("compare", help="coarse (blocks, heads) against fine (every granularity) on one task")
+    p = sub.add_parser("compare", help="coarse (blocks, heads) against fine (every granularity) on one task, "
+                       "both held to one KL budget")
     _common(p)
+    p.add_argument("--hold", choices=["budget", "targets"], default="budget",
+                   help="budget (default): both runs under --sparsity budget with one --kl-budget (default 0.1), "
+                        "equally faithful; targets: each run with its own targets")
     p = sub.add_parser("attribute", help="score every node by attribution patching (atp) or integrated "
                        "gradients (ig): a fast first answer")
     _common(p)
@@ -246,6 +250,8 @@ def main(argv=None) -> int:
             parser.error(str(e))
         return 0 if run_demo(run_dir=args.out, steps=args.steps) else 1
 
+    if args.command == "compare" and args.hold == "budget" and args.sparsity is None:
+        args.sparsity = "budget"  # so that --kl-budget is taken (compare_coarse_fine holds both runs to it)
     try:
         config = config_from_args(args)
         if args.command == "attribute":  # before any model loads
@@ -300,6 +306,7 @@ def _prune_or_compare(args, task, config: PruneConfig, rank: int) -> None:
         return
     from .pruning.compare import compare_coarse_fine, format_comparison
 
-    cmp = compare_coarse_fine(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
+    cmp = compare_coarse_fine(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress,
+                              hold=args.hold)
     if rank == 0:
         print(format_comparison(cmp))

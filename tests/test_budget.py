@@ -138,3 +138,29 @@ def test_init_from_attribution_starts_from_the_ranking(monkeypatch):
     for g in expected:
         assert torch.equal(starts[g], expected[g]), g
     assert math.isclose(float(starts["head"].max()), 3.0) and math.isclose(float(starts["head"].min()), -3.0)
+
+
+def test_coarse_against_fine_at_one_kl_budget(tmp_path):
+    from nodeprune_kernels.pruning.compare import compare_coarse_fine, format_comparison
+
+    cfg = demo_config(160).replace(sparsity="budget", kl_budget=0.1, targets=DEMO_TARGETS, n_examples=64, n_eval=16)
+    cmp = compare_coarse_fine(load_demo_model(), "induction", cfg, progress=False, run_dir=tmp_path)
+    assert cmp["hold"] == "budget" and cmp["kl_budget"] == 0.1
+    for name in ("coarse", "fine"):  # both held to the one budget: equally faithful within its tolerance
+        assert cmp[name].config.sparsity == "budget" and cmp[name].config.kl_budget == 0.1
+        assert cmp[f"train_kl_{name}"] <= 0.1 * (1 + BUDGET_TOLERANCE)
+    assert cmp["equally_faithful"]
+    text = format_comparison(cmp)
+    assert "both runs held to the training KL budget 0.1" in text and "equally faithful" in text
+    dropped = cmp["totals"]["attn_neuron/dropped"] + cmp["totals"]["mlp_neuron/dropped"]
+    assert dropped > 0  # the fine circuit drops neurons of the coarse circuit's heads and blocks
+
+
+def test_compare_with_own_targets_says_they_are_not_equally_faithful():
+    from nodeprune_kernels.pruning.compare import compare_coarse_fine, format_comparison
+
+    cfg = PruneConfig(**dict(FAST, steps=2))
+    cmp = compare_coarse_fine(tiny_model("llama"), induction_data(), cfg, progress=False, hold="targets")
+    assert cmp["hold"] == "targets" and "not held to the same faithfulness" in format_comparison(cmp)
+    with pytest.raises(ValueError, match="unknown hold"):
+        compare_coarse_fine(tiny_model("llama"), induction_data(), cfg, progress=False, hold="kl")

@@ -3,6 +3,11 @@
 Prune the same model and task twice, once with block and head granularities only (``COARSE``) and once with
 every granularity, then count per layer how many of the neurons inside the coarse circuit's kept heads and
 MLP blocks the fine circuit drops, next to each circuit's held-out KL.
+
+The claim is about equal faithfulness, so by default both runs hold the same training KL: ``sparsity=
+"budget"`` with one ``kl_budget`` (the config's, else ``DEFAULT_BUDGET``), each as sparse as that budget
+allows. ``hold="targets"`` runs each granularity set with its own targets instead; the circuits are then not
+equally faithful, and the report says so.
 """
 from __future__ import annotations
 
@@ -11,6 +16,10 @@ from pathlib import Path
 from ..model.circuit import Circuit
 from ..model.masks import GRANULARITIES
 from .config import COARSE, PruneConfig
+from .sparsity import BUDGET_TOLERANCE
+
+DEFAULT_BUDGET = 0.1  # the KL both runs of a comparison are held to when the config names none
+HOLDS = ("budget", "targets")
 from .outputs import write_json
 
 
@@ -49,6 +58,14 @@ def format_comparison(cmp: dict) -> str:
     if "kl_coarse" in cmp:
         lines.append(f"held-out KL to the full model: coarse circuit {cmp['kl_coarse']:.4f}, fine circuit "
                      f"{cmp['kl_fine']:.4f}")
+    if cmp.get("hold") == "budget":
+        lines.append(f"both runs held to the training KL budget {cmp['kl_budget']:g} (moving average at the end: "
+                     f"coarse {cmp['train_kl_coarse']:.4f}, fine {cmp['train_kl_fine']:.4f}): "
+                     + ("equally faithful within the budget's tolerance" if cmp["equally_faithful"] else
+                        "NOT equally faithful: a run missed the budget (give more steps)"))
+    elif cmp.get("hold") == "targets":
+        lines.append("each run with its own targets: the two circuits are not held to the same faithfulness "
+                     "(compare their KLs above; hold='budget' holds both to one KL)")
     return "\n".join(lines)
 
 
@@ -57,17 +74,27 @@ def _only(value, granularities):
 
 
 def compare_coarse_fine(model, task, config: PruneConfig | None = None, *, tokenizer=None, run_dir=None,
-                        progress: bool = True, **options) -> dict:
+                        progress: bool = True, hold: str = "budget", **options) -> dict:
     """Run the coarse and the fine pruning of ``model`` on ``task`` (same options otherwise; see
     :func:`nodeprune_kernels.prune`) and compare them. With ``run_dir`` the runs go to ``run_dir/coarse`` and
     ``run_dir/fine`` and the comparison to ``run_dir/comparison.json``.
 
-    Returns the :func:`neuron_overlap` dict plus ``kl_coarse``, ``kl_fine`` and the two PruningResults
-    (``coarse``, ``fine``; not in the JSON).
+    ``hold="budget"`` (the default): both runs under ``sparsity="budget"`` with the same ``kl_budget`` (the
+    config's, else ``DEFAULT_BUDGET``; ``targets`` are the caps); ``hold="targets"``: the config's sparsity
+    as it is, each run with its own targets.
+
+    Returns the :func:`neuron_overlap` dict plus ``hold``, ``kl_coarse``, ``kl_fine`` (held-out), for the
+    budget ``kl_budget``, ``train_kl_coarse``, ``train_kl_fine`` (the runs' final moving-average training KL)
+    and ``equally_faithful`` (neither missed the budget), and the two PruningResults (``coarse``, ``fine``;
+    not in the JSON).
     """
     from .run import prune
 
+    if hold not in HOLDS:
+        raise ValueError(f"unknown hold {hold!r}; choose one of {', '.join(HOLDS)}")
     config = (config or PruneConfig()).replace(**options)
+    if hold == "budget":
+        config = config.replace(sparsity="budget", kl_budget=config.kl_budget or DEFAULT_BUDGET)
     results = {}
     for name, grans in (("coarse", COARSE), ("fine", GRANULARITIES)):
         cfg = config.replace(granularities=grans, lambdas=_only(config.lambdas, grans),
@@ -75,7 +102,12 @@ def compare_coarse_fine(model, task, config: PruneConfig | None = None, *, token
         sub = Path(run_dir) / name if run_dir is not None else None
         results[name] = prune(model, task, cfg, tokenizer=tokenizer, run_dir=sub, progress=progress)
     cmp = neuron_overlap(results["coarse"].circuit, results["fine"].circuit)
-    cmp.update(kl_coarse=results["coarse"].metrics["kl"], kl_fine=results["fine"].metrics["kl"])
+    cmp.update(hold=hold, kl_coarse=results["coarse"].metrics["kl"], kl_fine=results["fine"].metrics["kl"])
+    if hold == "budget":
+        train = {k: r.metrics["budget/kl_average"] for k, r in results.items()}
+        cmp.update(kl_budget=config.kl_budget, train_kl_coarse=train["coarse"], train_kl_fine=train["fine"],
+                   budget_tolerance=BUDGET_TOLERANCE,
+                   equally_faithful=not any(r.metrics["budget_missed"] for r in results.values()))
     if run_dir is not None:
         write_json(Path(run_dir) / "comparison.json", cmp)
     return dict(cmp, coarse=results["coarse"], fine=results["fine"])
