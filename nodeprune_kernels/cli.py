@@ -250,8 +250,11 @@ def main(argv=None) -> int:
             parser.error(str(e))
         return 0 if run_demo(run_dir=args.out, steps=args.steps) else 1
 
-    if args.command == "compare" and args.hold == "budget" and args.sparsity is None:
-        args.sparsity = "budget"  # so that --kl-budget is taken (compare_coarse_fine holds both runs to it)
+    if args.command == "compare" and args.hold == "budget":  # both runs held to one KL (compare_coarse_fine)
+        from .pruning.compare import DEFAULT_BUDGET
+
+        args.sparsity = "budget"
+        args.kl_budget = DEFAULT_BUDGET if args.kl_budget is None else args.kl_budget
     try:
         config = config_from_args(args)
         if args.command == "attribute":  # before any model loads

@@ -64,3 +64,24 @@ def test_a_ranking_of_other_gates_is_refused():
     with pytest.raises(ValueError, match="the ranking covers"):
         ranking_table(model, masks, task_data(), {"mlp": torch.zeros(2)})
     remove_node_pruning(model)
+
+
+def test_a_pruning_run_reports_mib_metrics_of_its_log_alphas(tmp_path):
+    import json
+
+    from test_pruning import FAST, induction_data
+
+    from nodeprune_kernels import prune
+    from nodeprune_kernels.pruning.report import show
+
+    r = prune(tiny_model("llama"), induction_data(), run_dir=tmp_path, progress=False,
+              **dict(FAST, granularities=("head", "mlp_neuron"), ablation="zero"))
+    table = r.extra["mib"]
+    assert [p["size"] for p in table["points"]] == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    assert r.metrics["mib/cpr"] == table["cpr"] and r.metrics["mib/cmd"] == table["cmd"]
+    assert table["points"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+    saved = json.loads((tmp_path / "metrics.json").read_text())["mib"]
+    assert saved["cpr"] == pytest.approx(table["cpr"]) and len(saved["points"]) == 10
+    text = show(tmp_path)
+    assert "CPR" in text and "faithfulness by circuit size" in text and "MIB (the log_alpha ranking" in r.summary()
+    assert (tmp_path / "mib.png").exists()

@@ -4,7 +4,8 @@
     <run_dir>/checkpoint.pt      step, gates, optimizer and Lagrange-multiplier state, history (resume)
     <run_dir>/gates.safetensors  log_alpha per granularity (float32), the latest
     <run_dir>/circuit.json       the binary circuit (Circuit.to_json)
-    <run_dir>/metrics.json       held-out metrics, kept fractions, the faithfulness curve, final sparsity against
+    <run_dir>/metrics.json       held-out metrics, kept fractions, the faithfulness curve, MIB's table (``mib``:
+                                 faithfulness, necessity, CPR/CMD of the log_alpha ranking), final sparsity against
                                  the targets (sparsity/<g>, target/<g>, target_tolerance, targets_missed)
     <run_dir>/circuits/size_<p>pct.json, path.json, path.png
                                  sparsity="path" runs: the circuit cut at each size (p in percent of the gated
@@ -119,7 +120,8 @@ def write_results(run_dir: Path, result) -> None:
     """circuit.json, metrics.json (with the curve), history.json, gates.safetensors, the plots and circuit.html."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic(run_dir / "circuit.json", lambda p: result.circuit.to_json(p))
-    write_json(run_dir / "metrics.json", {"metrics": result.metrics, "curve": result.curve})
+    write_json(run_dir / "metrics.json", {"metrics": result.metrics, "curve": result.curve,
+                                          "mib": result.extra.get("mib")})
     write_json(run_dir / "history.json", result.history)
     save_gates(run_dir / "gates.safetensors", result.log_alpha, result.circuit.dims)
     try:

@@ -77,6 +77,32 @@ def plot_curve(curve: list, path, chosen: float | None = None) -> None:
     plt.close(fig)
 
 
+def plot_mib(table: dict, path) -> None:
+    """MIB's faithfulness and necessity of the ranking's top-k circuits against k (log axis), CPR/CMD in the
+    title (``metrics.ranking_table``'s dict)."""
+    plt = _plt()
+    pts = [p for p in table["points"] if p["size"] > 0]
+    fig, a = plt.subplots(figsize=(5.5, 3.6))
+    for key, style, label in (("faithfulness", "o-", f"faithfulness ({table['metric']})"),
+                              ("faithfulness_kl", "s--", "faithfulness (KL form)"),
+                              ("necessity", "^:", "necessity (the circuit ablated)")):
+        xy = [(p["size"], p[key]) for p in pts if p[key] is not None]
+        if xy:
+            a.plot(*zip(*xy), style, label=label)
+    a.set_xscale("log")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    a.set(xlabel="fraction of nodes kept (top-k of the ranking)", ylabel="f",
+          title=f"MIB: CPR {fmt(table['cpr'])}, CMD {fmt(table['cmd'])}")
+    a.axhline(1.0, color="gray", lw=0.5)
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_file(run_dir: Path, name: str) -> Path:
     """``run_dir / name``, which a finished run holds: raises FileNotFoundError saying what to do if it is missing."""
     path = run_dir / name
@@ -105,7 +131,8 @@ def read_run(run_dir) -> dict:
     if missing:
         raise ValueError(f"{run_dir / 'metrics.json'} has no {' or '.join(missing)}: not written by nodeprune prune")
     return {"circuit": Circuit.from_json(run_dir / "circuit.json"), "metrics": m["metrics"], "curve": m["curve"],
-            "history": files["history.json"], "config": files["config.json"], "path": _read_path(run_dir)}
+            "history": files["history.json"], "config": files["config.json"], "path": _read_path(run_dir),
+            "mib": m.get("mib")}
 
 
 def _read_path(run_dir: Path) -> dict | None:
@@ -145,7 +172,8 @@ def plot_path(table: dict, path) -> None:
 
 
 def plot_run(run_dir) -> list:
-    """Draw training.png, circuit.png and curve.png into a finished run directory; returns the paths."""
+    """Draw training.png, circuit.png, curve.png (and path.png, mib.png where the run has them) into a finished
+    run directory; returns the paths."""
     from .evaluate import nodes_kept
 
     run_dir = Path(run_dir)
@@ -160,11 +188,15 @@ def plot_run(run_dir) -> list:
     if run["path"] is not None and run["path"]["points"]:
         plot_path(run["path"], run_dir / "path.png")
         paths.append(run_dir / "path.png")
+    if run["mib"]:
+        plot_mib(run["mib"], run_dir / "mib.png")
+        paths.append(run_dir / "mib.png")
     return paths
 
 
 def show(run_dir) -> str:
     """The text report of a finished run (what ``nodeprune show`` prints)."""
+    from .metrics import table_lines
     from .run import PruningResult
 
     run = read_run(run_dir)
@@ -176,4 +208,5 @@ def show(run_dir) -> str:
     curve = ["", "faithfulness curve (held-out):", f"{'nodes kept':>10} {'KL':>9} {'accuracy':>9}"]
     for p in sorted(run["curve"], key=lambda p: -p["nodes_kept"]):
         curve.append(f"{100 * p['nodes_kept']:>9.1f}% {p['kl']:>9.4f} {p['accuracy']:>9.3f}")
-    return "\n".join([head, res.summary()] + curve)
+    mib = ["", *table_lines(run["mib"])] if run["mib"] else []
+    return "\n".join([head, res.summary()] + curve + mib)

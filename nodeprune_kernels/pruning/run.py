@@ -23,6 +23,7 @@ from . import outputs
 from .config import PruneConfig
 from .evaluate import ablation_context, batch_inputs, estimate_means, evaluate_circuit, faithfulness_curve
 from .objectives import check_objective, gather_positions, objective_sum
+from .metrics import ranking_table
 from .path import SizePath
 from .sparsity import expected_sparsity
 
@@ -68,6 +69,8 @@ class PruningResult:
             lines.append(f"logit difference {m['logit_diff']:.3f} (full model {m['full_logit_diff']:.3f})")
         if "prob_diff" in m:
             lines.append(f"probability difference {m['prob_diff']:.3f} (full model {m['full_prob_diff']:.3f})")
+        if m.get("mib/cpr") is not None:
+            lines.append(f"MIB (the log_alpha ranking, held-out): CPR {m['mib/cpr']:.3f}  CMD {m['mib/cmd']:.3f}")
         lines += missed_lines(m)
         if self.path is not None:
             lines += ["", *path_lines(self.path)]
@@ -344,12 +347,15 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
         notes = _end_of_run_checks(masks, sparsity, config, circuit, metrics)
         curve = faithfulness_curve(model, masks, held_out, config.curve_points, config.batch_size)
         log_alpha = {g: la.detach().float().cpu().clone() for g, la in masks.log_alpha.items()}
+        mib = ranking_table(model, masks, held_out, log_alpha, batch_size=config.batch_size)
+        metrics.update({f"mib/{k}": mib[k] for k in ("cpr", "cmd", "cpr_kl", "cmd_kl")})
         table = path.evaluate(model, masks, held_out, config.batch_size) if path is not None else None
         if table is not None:
             metrics.update({"path/cpr": table["cpr"], "path/cmd": table["cmd"]})
             if table["not_reached"]:
                 notes.append(path_lines(table)[-1])
-        result = PruningResult(circuit, metrics, curve, history, log_alpha, config, run_dir, {"meta": meta}, table)
+        result = PruningResult(circuit, metrics, curve, history, log_alpha, config, run_dir, {"meta": meta, "mib": mib},
+                               table)
         if path is not None:
             result.extra["path_circuits"] = {p: c for p, (_, c) in path.cut.items()}
         if rank == 0:
