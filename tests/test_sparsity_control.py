@@ -55,10 +55,13 @@ def test_the_projection_update_prices_the_gates_and_meets_the_target():
     sp = Sparsity(HM, "target", targets={"head": 0.5, "mlp_neuron": 0.8}, warmup_steps=10)
     opt = sp.optimizer(0.1)
     assert isinstance(opt, torch.optim.Adam)
-    sp.after_step(masks, 4, opt)  # ramping: at least 0.4 * target, and a gap below it moves the price
+    before = {g: float(v.detach()) for g, v in expected_sparsity(masks).items()}
+    ramped = sp.target_at(4)  # 0.4 of the targets
+    assert before["head"] > ramped["head"] and before["mlp_neuron"] < ramped["mlp_neuron"]
+    sp.after_step(masks, 4, opt)  # ramping: at least the ramped target; only a gap below it moves the price
     s = {g: float(v.detach()) for g, v in expected_sparsity(masks).items()}
-    assert s["head"] >= 0.2 - 1e-5 and s["mlp_neuron"] >= 0.32 - 1e-5
-    assert (sp.lambda1.detach() < 0).all()  # the gates' step left them denser than the target: price up
+    assert s["head"] == pytest.approx(before["head"]) and s["mlp_neuron"] == pytest.approx(0.32, abs=1e-5)
+    assert sp.lambda1[0] == 0 and sp.lambda1[1] < 0  # denser than the target: the price rises (lambda1 < 0)
     sp.after_step(masks, 10, opt)  # ramped: exactly the targets
     s = {g: float(v.detach()) for g, v in expected_sparsity(masks).items()}
     assert s == pytest.approx({"head": 0.5, "mlp_neuron": 0.8}, abs=1e-5)
