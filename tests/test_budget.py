@@ -20,21 +20,26 @@ def budget(b=0.1):
 
 def test_the_pressure_follows_the_kl_by_hand():
     s = budget(0.1)
+    aim = 0.1 * (1 - BUDGET_TOLERANCE)  # the set point: 0.09, at rest in [0.08, 0.1]
     assert float(s.pressure) == 0.0 and s.target_at(0) == {"head": 0.0, "mlp": 0.0}
-    s.observe_kl(0.02)  # first value: the average itself; error (0.1 - 0.02) / 0.1 = 0.8
+    s.observe_kl(0.02)  # first value: the average itself; error (0.09 - 0.02) / 0.1 = 0.7
     assert float(s.kl_average) == pytest.approx(0.02)
-    assert float(s.pressure) == pytest.approx(BUDGET_RATE * 0.8)
+    assert float(s.pressure) == pytest.approx(BUDGET_RATE * (aim - 0.02) / 0.1)
     p = float(s.pressure)
     s.observe_kl(0.105)  # average 0.9 * 0.02 + 0.1 * 0.105 = 0.0285: still below
-    assert float(s.kl_average) == pytest.approx(BUDGET_EMA * 0.02 + (1 - BUDGET_EMA) * 0.105)
-    assert float(s.pressure) == pytest.approx(p + BUDGET_RATE * (0.1 - 0.0285) / 0.1)
+    avg = BUDGET_EMA * 0.02 + (1 - BUDGET_EMA) * 0.105
+    assert float(s.kl_average) == pytest.approx(avg)
+    assert float(s.pressure) == pytest.approx(p + BUDGET_RATE * (aim - avg) / 0.1)
+    for at_rest in (0.081, 0.099):
+        s.kl_average.fill_(at_rest)
+        p = float(s.pressure)
+        s.observe_kl(at_rest)  # inside the band: no change
+        assert float(s.pressure) == p
     s.kl_average.fill_(0.1)
-    p = float(s.pressure)
-    s.observe_kl(0.1)  # within the tolerance: no change
-    assert float(s.pressure) == p
     s.observe_kl(50.0)  # clipped at BUDGET_CLIP * budget; the error clamps at -1
-    assert float(s.kl_average) == pytest.approx(BUDGET_EMA * 0.1 + (1 - BUDGET_EMA) * BUDGET_CLIP * 0.1)
-    assert float(s.pressure) == pytest.approx(max(0.0, p - BUDGET_RATE * min(1.0, (float(s.kl_average) - 0.1) / 0.1)))
+    avg = BUDGET_EMA * 0.1 + (1 - BUDGET_EMA) * BUDGET_CLIP * 0.1
+    assert float(s.kl_average) == pytest.approx(avg)
+    assert float(s.pressure) == pytest.approx(max(0.0, p - BUDGET_RATE * min(1.0, (avg - aim) / 0.1)))
     s.pressure.fill_(0.5)
     assert s.target_at(7) == {"head": 0.25, "mlp": 0.4}
     assert s.budget_missed() == (float(s.kl_average) > 0.1 * (1 + BUDGET_TOLERANCE))

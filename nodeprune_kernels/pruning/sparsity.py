@@ -25,8 +25,9 @@ penalties and targets mean the same at every granularity.
   by the projection update, and ``p`` is adapted online. After every step, with the exponential moving
   average ``K`` (decay ``BUDGET_EMA``) of the step's KL (each step's clipped at ``BUDGET_CLIP`` times the
   budget, so one gate sample that happens to close a vital node moves it a bounded step),
-  ``p += BUDGET_RATE * clamp((budget - K) / budget, -1, 1)`` unless ``K`` is within ``BUDGET_TOLERANCE``
-  (relative) of the budget. Pressure rises while the circuit is more faithful than asked and falls when it is
+  ``p += BUDGET_RATE * clamp(((1 - tol) budget - K) / budget, -1, 1)`` unless ``K`` is already in
+  ``[(1 - 2 tol) budget, budget]`` (``tol`` = ``BUDGET_TOLERANCE``), so the KL settles at or just below the
+  budget; a run whose ``K`` ends above ``(1 + tol) budget`` missed it. Pressure rises while the circuit is more faithful than asked and falls when it is
   less; the projection makes every change of ``p`` felt at the next step, both ways.
 * ``"path"``: as ``"target"``, with targets that rise geometrically in the kept fraction,
   ``1 - t_g(step) = (1 - T_g) ** (step / ramp_steps)``, from 0 to the maximum ``T_g``: the run passes every
@@ -46,7 +47,7 @@ TARGET_UPDATES = ("projection", "lagrangian")
 PROJECTION_FLOOR = 1e-3  # the smallest sparsity the projection holds a granularity to
 _BISECTION_STEPS = 40  # the bracket (~100 wide) narrowed 2**40-fold: below float32 resolution
 BUDGET_EMA = 0.9  # decay of the KL's moving average in budget mode
-BUDGET_TOLERANCE = 0.1  # relative: a moving-average KL within 10% of the budget leaves the pressure alone
+BUDGET_TOLERANCE = 0.1  # relative: the pressure rests while the moving-average KL is in [0.8, 1] x budget
 BUDGET_RATE = 0.02  # the budget's pressure moves at most this much per step
 BUDGET_CLIP = 2.0  # a step's KL enters the moving average at most at this multiple of the budget
 
@@ -168,7 +169,7 @@ class Sparsity(nn.Module):
         kl = min(kl, BUDGET_CLIP * self.kl_budget)  # a rare sample closing a vital node moves it a bounded step
         avg = kl if math.isnan(float(self.kl_average)) else BUDGET_EMA * float(self.kl_average) + (1 - BUDGET_EMA) * kl
         self.kl_average.fill_(avg)
-        error = (self.kl_budget - avg) / self.kl_budget
+        error = (self.kl_budget * (1 - BUDGET_TOLERANCE) - avg) / self.kl_budget  # aim inside [0.8, 1] x budget
         if abs(error) > BUDGET_TOLERANCE:
             self.pressure.fill_(min(1.0, max(0.0, float(self.pressure) + BUDGET_RATE * max(-1.0, min(1.0, error)))))
 
