@@ -13,7 +13,6 @@ Writes ``attribution_quality_<device>.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_slug, env_row  # noqa: E402
+from common import device_slug, env_row, write_csv  # noqa: E402
 
 from nodeprune_kernels import apply_node_pruning, attribute, remove_node_pruning  # noqa: E402
 from nodeprune_kernels.demo import load_demo_model  # noqa: E402
@@ -113,13 +112,7 @@ def main(argv=None) -> int:
                      "pearson_ig": round(pearson(ig.scores[g].flatten(), e), 4), "ig_steps": args.ig_steps,
                      "seconds_atp": round(t_atp, 2), "seconds_ig": round(t_ig, 2),
                      "seconds_exact": round(t_exact, 2), **env})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"attribution_quality_{device_slug()}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = write_csv(rows, "", out=str(Path(args.out) / f"attribution_quality_{device_slug()}.csv"))
     for r in rows:
         print(f"{r['granularity']:>11} ({r['nodes']:>3} nodes): Spearman AtP {r['spearman_atp']:+.3f}  "
               f"IG {r['spearman_ig']:+.3f}   Pearson AtP {r['pearson_atp']:+.3f}  IG {r['pearson_ig']:+.3f}")

@@ -35,7 +35,6 @@ from safetensors.torch import load_file, save_file
 from ..model.circuit import Circuit
 from ..model.families import ModelDims
 from ..model.masks import gate_shapes
-from ..model.patch import is_patched
 from ..ops.hard_concrete.reference import GAMMA, STRETCH
 from ..tasks.base import TaskData
 from .config import PruneConfig
@@ -207,15 +206,9 @@ def attribute(model, task, *, method: str = "atp", metric: str | None = None, ig
     Returns:
         :class:`NodeScores`.
     """
-    config = (config or PruneConfig()).replace(**options) if options else (config or PruneConfig())
-    if is_patched(model):
-        raise RuntimeError("attribute() patches the model itself: call nodeprune_kernels.remove_node_pruning(model) "
-                           "first")
-    from .run import resolve_task  # run.py imports this module for init="attribution"
+    from .run import prepare  # run.py imports this module for init="attribution"
 
-    if config.dtype != "auto":
-        model.to(getattr(torch, config.dtype))
-    data = resolve_task(task, tokenizer, config, model.config.vocab_size)
+    config, data = prepare(model, task, config, options, tokenizer, "attribute")
     metric = check_method(method, metric, data)
     points = [(1.0 - EDGE, 1.0)] if method == "atp" else ig_points(ig_steps)
     train, _ = data.split(config.n_eval, seed=config.seed)

@@ -123,6 +123,18 @@ def resolve_task(task, tokenizer, config: PruneConfig, vocab_size: int) -> TaskD
     return task
 
 
+def prepare(model, task, config: PruneConfig | None, options: dict, tokenizer, caller: str) -> tuple:
+    """(config with ``options`` applied, the task's data) for a run of ``caller`` (prune, attribute) on an
+    unpatched ``model``, converted to the config's dtype."""
+    config = (config or PruneConfig()).replace(**options) if options else (config or PruneConfig())
+    if is_patched(model):
+        raise RuntimeError(f"{caller}() patches the model itself: call nodeprune_kernels.remove_node_pruning(model) "
+                           "first")
+    if config.dtype != "auto":
+        model.to(getattr(torch, config.dtype))
+    return config, resolve_task(task, tokenizer, config, model.config.vocab_size)
+
+
 def _build_task(task, tokenizer, config: PruneConfig, vocab_size: int) -> TaskData:
     from ..tasks import Task, get_task
 
@@ -272,14 +284,8 @@ def prune(model, task, config: PruneConfig | None = None, *, tokenizer=None, run
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint stays in run_dir).
     """
-    config = (config or PruneConfig()).replace(**options) if options else (config or PruneConfig())
-    if is_patched(model):
-        raise RuntimeError("prune() patches the model itself: call nodeprune_kernels.remove_node_pruning(model) "
-                           "first")
-    if config.dtype != "auto":
-        model.to(getattr(torch, config.dtype))
+    config, data = prepare(model, task, config, options, tokenizer, "prune")
     rank, world = dist.dist_info()
-    data = resolve_task(task, tokenizer, config, model.config.vocab_size)
     check_objective(config.objective, data)
     train, held_out = data.split(config.n_eval, seed=config.seed)
     meta = {"task": data.name, "data": fingerprint(data), "n_train": len(train), "n_eval": len(held_out)}
