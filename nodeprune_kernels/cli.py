@@ -184,6 +184,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("compare", help="coarse (blocks, heads) against fine (every granularity) on one task, "
                        "both held to one KL budget")
     _common(p)
+    p.add_argument("--versus", choices=["fine", "attribution"], default="fine",
+                   help="fine (default): coarse against fine granularities; attribution: the pruning run against "
+                        "AtP and IG, by MIB's CPR / CMD")
     p.add_argument("--hold", choices=["budget", "targets"], default="budget",
                    help="budget (default): both runs under --sparsity budget with one --kl-budget (default 0.1), "
                         "equally faithful; targets: each run with its own targets")
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
             parser.error(str(e))
         return 0 if run_demo(run_dir=args.out, steps=args.steps) else 1
 
-    if args.command == "compare" and args.hold == "budget":  # both runs held to one KL (compare_coarse_fine)
+    if args.command == "compare" and args.versus == "fine" and args.hold == "budget":  # both runs held to one KL (compare_coarse_fine)
         from .pruning.compare import DEFAULT_BUDGET
 
         args.sparsity = "budget"
@@ -307,7 +310,13 @@ def _prune_or_compare(args, task, config: PruneConfig, rank: int) -> None:
             print(f"\nwritten to {args.out}: circuit.json, metrics.json, gates.safetensors, plots, circuit.html "
                   f"(`nodeprune show {args.out}`)")
         return
-    from .pruning.compare import compare_coarse_fine, format_comparison
+    from .pruning.compare import compare_coarse_fine, compare_methods, format_comparison, format_methods
+
+    if args.versus == "attribution":
+        cmp = compare_methods(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress)
+        if rank == 0:
+            print(format_methods(cmp))
+        return
 
     cmp = compare_coarse_fine(model, task, config, tokenizer=tokenizer, run_dir=args.out, progress=progress,
                               hold=args.hold)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from test_attribution import task_data
+from test_cli import model_dir  # noqa: F401 (a fixture)
 from tiny_models import tiny_model
 
 from nodeprune_kernels import Circuit, apply_node_pruning, remove_node_pruning
@@ -85,3 +86,21 @@ def test_a_pruning_run_reports_mib_metrics_of_its_log_alphas(tmp_path):
     text = show(tmp_path)
     assert "CPR" in text and "faithfulness by circuit size" in text and "MIB (the log_alpha ranking" in r.summary()
     assert (tmp_path / "mib.png").exists()
+
+
+def test_pruning_against_attribution(tmp_path, model_dir, capsys):
+    import json
+
+    from test_cli import ARGS
+
+    from nodeprune_kernels.cli import main
+
+    out = tmp_path / "methods"
+    assert main(["compare", "--versus", "attribution", "--model", str(model_dir), "--task", "ioi", "--out", str(out),
+                 "--granularities", "head,mlp"] + ARGS) == 0
+    printed = capsys.readouterr().out
+    assert "pruning against attribution" in printed
+    saved = json.loads((out / "methods.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["pruning", "atp", "ig"]  # ioi has distractors: AtP too
+    assert all(r["cpr"] is not None and r["cmd"] is not None for r in saved["rows"])
+    assert (out / "pruning" / "metrics.json").exists()
