@@ -46,6 +46,7 @@ METRICS = ("kl", "logit_diff")
 DEFAULT_METRIC = {"atp": "logit_diff", "ig": "kl"}
 EDGE = 1e-5  # the path's ends, inside [0, 1] (at exactly 0 or 1 the gate's clamp may block the gradient)
 SCORES_FORMAT = 1
+INIT_SPREAD = 2.0  # init="attribution": the weakest node starts this much below init_log_alpha
 
 
 def gate_log_alpha(z: float) -> float:
@@ -131,11 +132,12 @@ class NodeScores:
         ranking = self.absolute() if by == "abs" else self.signed()
         return Circuit.from_ranking(ranking, self.dims, size=size, fraction=fraction, model_type=self.model_type)
 
-    def to_log_alpha(self, init_log_alpha: float = 3.0) -> dict:
+    def to_log_alpha(self, init_log_alpha: float = 3.0, spread: float = INIT_SPREAD) -> dict:
         """Initial log_alphas from the ranking (``prune(..., init="attribution")``): within each
         granularity, the node of rank quantile r (1 = the largest |score|, 0 = the smallest; ties share
-        their mean rank) starts at ``init_log_alpha * (2 r - 1)``, so the strongest start open, the weakest
-        closed, and the median at the gate's midpoint."""
+        their mean rank) starts at ``init_log_alpha - spread * (1 - r)``. Every gate starts about as open as
+        with a constant init (the sparsity term closes them as the run goes), but in the order of the
+        scores, so the weakest nodes are the first to close."""
         out = {}
         for g, s in self.absolute().items():
             flat = s.flatten().double()
@@ -146,7 +148,7 @@ class NodeScores:
             mean_rank = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, order)
             mean_rank /= torch.bincount(inverse, minlength=len(uniq)).double()
             r = mean_rank[inverse] / max(n - 1, 1) if n > 1 else torch.ones(1, dtype=torch.float64)
-            out[g] = (init_log_alpha * (2 * r - 1)).float().view(s.shape)
+            out[g] = (init_log_alpha - spread * (1 - r)).float().view(s.shape)
         return out
 
     # ----------------------------------------------------------------------------------- files
