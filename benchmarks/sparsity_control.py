@@ -15,9 +15,9 @@ on the CPU backend (the native kernels). CPU-sized: about 10 s a run on 2 cores.
   miss (a target is met within 0.05).
 * ``quality``: heads only, each target cut at its exact size (``circuit_size``), against every circuit of
   that many heads (all C(8, k) of them): the run's held-out KL over the best one's.
-* ``path``: the demo model, gates ``head,mlp_neuron``: one ``sparsity="path"`` run, then for each of its
-  circuits a separate target run at that circuit's per-granularity sizes (targets ``1 - n_g / N_g``, cut at
-  exactly ``n_g``); both circuits' held-out KL.
+* ``path``: the demo model, gates ``head,mlp_neuron``: ``sparsity="path"`` runs of 300 and 1500 steps
+  (``--path-steps``), then for each of their circuits a separate (300-step) target run at that circuit's
+  per-granularity sizes (targets ``1 - n_g / N_g``, cut at exactly ``n_g``); both circuits' held-out KL.
 """
 from __future__ import annotations
 
@@ -137,29 +137,38 @@ def quality_table(args) -> list:
 
 
 def path_table(args) -> list:
+    from nodeprune_kernels.pruning.config import PruneConfig
+
     gates = GATES["head,mlp_neuron"]
-    res, secs = run("demo", granularities=gates, sparsity="path")
-    print(f"path run: {secs:.0f}s", flush=True)
-    by_size = {p["size"]: p for p in res.path["points"]}
+    target_runs: dict = {}  # per-granularity sizes -> (held-out KL, seconds) of a separate target run
     rows = []
-    for size, circuit in sorted(res.extra["path_circuits"].items(), reverse=True):
-        counts = circuit.counts()
-        n = {g: counts[g][0] for g in gates}
-        point = by_size[size]
-        target_kl, t_secs = point["kl"], 0.0
-        if 0 < sum(n.values()) < sum(counts[g][1] for g in gates):  # the full and the empty circuit need no run
-            targets = {g: min(0.999, 1 - n[g] / counts[g][1]) for g in gates}
-            other, t_secs = run("demo", granularities=gates, targets=targets, circuit_size=n)
-            target_kl = other.metrics["kl"]
-        row = {**env_row(), "model": "demo", "gates": "head,mlp_neuron", "size": size, "step": point["step"],
-               "nodes_kept": round(point["nodes_kept"], 4), **{f"n/{g}": v for g, v in n.items()},
-               "path_kl": round(point["kl"], 4), "target_run_kl": round(target_kl, 4),
-               "path_over_target": round(point["kl"] / target_kl, 3) if target_kl > 1e-9 else None,
-               "faithfulness": point["faithfulness"], "path_seconds": round(secs, 1),
-               "target_seconds": round(t_secs, 1)}
-        rows.append(row)
-        print(f"{100 * size:>5g}%: {n}  path KL {point['kl']:.4f}  target run KL {target_kl:.4f}", flush=True)
-    print(f"CPR {res.path['cpr']}  CMD {res.path['cmd']} ({res.path['metric']})")
+    for path_steps in args.path_steps:
+        res, secs = run("demo", granularities=gates, sparsity="path", steps=path_steps)
+        print(f"path run, {path_steps} steps: {secs:.0f}s; CPR {res.path['cpr']}  CMD {res.path['cmd']} "
+              f"({res.path['metric']})", flush=True)
+        by_size = {p["size"]: p for p in res.path["points"]}
+        for size, circuit in sorted(res.extra["path_circuits"].items(), reverse=True):
+            counts = circuit.counts()
+            n = {g: counts[g][0] for g in gates}
+            point = by_size[size]
+            key = tuple(n.values())
+            if key not in target_runs:
+                target_runs[key] = (point["kl"], 0.0)  # the full and the empty circuit need no run
+                if 0 < sum(n.values()) < sum(counts[g][1] for g in gates):
+                    targets = {g: min(0.999, 1 - n[g] / counts[g][1]) for g in gates}
+                    other, t_secs = run("demo", granularities=gates, targets=targets, circuit_size=n)
+                    target_runs[key] = (other.metrics["kl"], t_secs)
+            target_kl, t_secs = target_runs[key]
+            rows.append({**env_row(), "model": "demo", "gates": "head,mlp_neuron", "path_steps": path_steps,
+                         "target_steps": PruneConfig().steps, "size": size,
+                         "step": point["step"], "nodes_kept": round(point["nodes_kept"], 4),
+                         **{f"n/{g}": v for g, v in n.items()}, "path_kl": round(point["kl"], 4),
+                         "target_run_kl": round(target_kl, 4),
+                         "path_over_target": round(point["kl"] / target_kl, 3) if target_kl > 1e-9 else None,
+                         "faithfulness": point["faithfulness"], "path_cpr": res.path["cpr"],
+                         "path_cmd": res.path["cmd"], "path_seconds": round(secs, 1),
+                         "target_seconds": round(t_secs, 1)})
+            print(f"{100 * size:>5g}%: {n}  path KL {point['kl']:.4f}  target run KL {target_kl:.4f}", flush=True)
     return rows
 
 
@@ -169,9 +178,12 @@ def main() -> None:
     ap.add_argument("--update", default="projection", choices=["projection", "lagrangian"])
     ap.add_argument("--lambda-lr", type=float, default=None, help="default: PruneConfig's")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: demo, and tiny families")
+    ap.add_argument("--path-steps", default="300,1500", help="path: the path runs' step counts (the target runs "
+                    "have the default 300)")
     ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/sparsity_<table>_...)")
     args = ap.parse_args()
     args.models = tuple(args.models.split(","))
+    args.path_steps = tuple(int(x) for x in args.path_steps.split(","))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = {"targets": targets_table, "quality": quality_table, "path": path_table}[args.table](args)
     suffix = ("" if args.update == "projection" else f"_{args.update}") + (
