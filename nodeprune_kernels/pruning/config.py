@@ -41,7 +41,8 @@ class PruneConfig:
     ``sparsity="path"``: the targets rise from 0 to ``targets`` (None: ``1 - min(path_sizes)`` for every
     gated granularity) over ``warmup`` (None: 0.9), geometrically in the kept fraction, and a circuit is cut
     at each size of ``path_sizes`` (fractions of the gated nodes kept; MIB's ten by default) as the run
-    passes it (docs/sparsity.md). ``sparsity="budget"``: as small a circuit as keeps the training KL at or
+    passes it (docs/sparsity.md); it passes its large sizes early, so give it several times a target run's
+    ``steps``. ``sparsity="budget"``: as small a circuit as keeps the training KL at or
     below ``kl_budget``: the targets are one pressure in [0, 1], adapted each step from the KL, times
     ``targets`` (the most each granularity may be pruned; None: ``DEFAULT_TARGETS``), held by the projection
     (objective "kl").
