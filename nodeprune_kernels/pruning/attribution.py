@@ -81,7 +81,7 @@ def check_method(method: str, metric: str | None, data: TaskData | None = None) 
                          "minimum with every gate open, so its gradient there is zero and every score would be 0. "
                          "Use metric='logit_diff' with 'atp', or method='ig' (which integrates over the gate "
                          "value and supports 'kl')")
-    if metric == "logit_diff" and data is not None and not bool((data.distractor[data.positions] >= 0).all()):
+    if metric == "logit_diff" and data is not None and not data.has_distractors():
         raise ValueError(f"metric 'logit_diff' needs a distractor token at every position, and task {data.name!r} "
                          "lacks some; use method='ig' with metric='kl', or give every row a distractor")
     return metric
@@ -292,7 +292,7 @@ def attribute_run(model, task, run_dir, *, method: str = "atp", metric: str | No
     """
     from . import outputs
     from .evaluate import evaluate_circuit
-    from .metrics import gated, ranking_table, table_lines
+    from .metrics import gated, signed_and_absolute, table_lines
     from .run import fingerprint, resolve_task
 
     config = config or PruneConfig()
@@ -306,10 +306,7 @@ def attribute_run(model, task, run_dir, *, method: str = "atp", metric: str | No
 
     with gated(model, config, train) as masks:
         metrics = evaluate_circuit(model, masks, held_out, circuit, config.batch_size)
-        mib = {"signed": ranking_table(model, masks, held_out, scores.scores, batch_size=config.batch_size),
-               "absolute": ranking_table(model, masks, held_out, scores.scores, batch_size=config.batch_size,
-                                         absolute=True)}
-    # MIB's conventions: CPR from the signed ranking, CMD from the absolute one
+        mib = signed_and_absolute(model, masks, held_out, scores.scores, config.batch_size)
     metrics.update({"mib/cpr": mib["signed"]["cpr"], "mib/cmd": mib["absolute"]["cmd"]})
     metrics.update({f"kept/{g}": f for g, (_, _, f) in circuit.counts().items()})
 

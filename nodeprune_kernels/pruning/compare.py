@@ -126,11 +126,12 @@ def compare_methods(model, task, config: PruneConfig | None = None, *, tokenizer
     import time
 
     from .attribution import attribute
-    from .metrics import evaluate_ranking
+    from .metrics import gated, signed_and_absolute
     from .run import prepare, prune
 
     config, data = prepare(model, task, config, options, tokenizer, "compare_methods")
-    has_distractors = bool((data.distractor[data.positions] >= 0).all())
+    train, held_out = data.split(config.n_eval, seed=config.seed)
+    has_distractors = data.has_distractors()
     rows, tables = [], {}
     t0 = time.perf_counter()
     result = prune(model, data, config, run_dir=Path(run_dir) / "pruning" if run_dir is not None else None,
@@ -144,9 +145,9 @@ def compare_methods(model, task, config: PruneConfig | None = None, *, tokenizer
         scores = attribute(model, data, method=method, metric=metric, ig_steps=ig_steps, config=config,
                            progress=progress)
         seconds = time.perf_counter() - t0
-        signed = evaluate_ranking(model, data, scores, config=config, absolute=False)
-        absolute = evaluate_ranking(model, data, scores, config=config, absolute=True)
-        tables[method] = {"signed": signed, "absolute": absolute}
+        with gated(model, config, train) as masks:  # both rankings on one patched model
+            tables[method] = signed_and_absolute(model, masks, held_out, scores.scores, config.batch_size)
+        signed, absolute = tables[method]["signed"], tables[method]["absolute"]
         rows.append({"method": method, "cpr": signed["cpr"], "cmd": absolute["cmd"], "cpr_kl": signed["cpr_kl"],
                      "cmd_kl": absolute["cmd_kl"], "seconds": seconds})
     out = {"rows": rows, "tables": tables, "metric": tables["pruning"]["metric"]}

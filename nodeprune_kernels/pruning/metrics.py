@@ -101,6 +101,13 @@ def ranking_table(model, masks, data: TaskData, ranking: dict, sizes=MIB_SIZES, 
     return out
 
 
+def signed_and_absolute(model, masks, data: TaskData, scores: dict, batch_size: int = 16) -> dict:
+    """MIB's convention for signed scores (attribution): ``{"signed": table, "absolute": table}``, CPR read
+    from the signed ranking's :func:`ranking_table` and CMD from the absolute one's."""
+    return {"signed": ranking_table(model, masks, data, scores, batch_size=batch_size),
+            "absolute": ranking_table(model, masks, data, scores, batch_size=batch_size, absolute=True)}
+
+
 def table_lines(table: dict) -> list:
     """A printable size-vs-faithfulness table."""
     lines = [f"faithfulness by circuit size (held-out; f on {table['metric']}; every gate one node):",

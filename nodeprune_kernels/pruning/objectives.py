@@ -17,7 +17,7 @@ OBJECTIVES = ("kl", "logit_diff", "ce")
 def check_objective(objective: str, data: TaskData | None = None) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if objective == "logit_diff" and data is not None and not bool((data.distractor[data.positions] >= 0).all()):
+    if objective == "logit_diff" and data is not None and not data.has_distractors():
         raise ValueError(f"objective 'logit_diff' needs a distractor token at every position, and task "
                          f"{data.name!r} lacks some; use objective 'kl' or 'ce', or give every row a distractor")
 

@@ -241,8 +241,7 @@ def _attribution_init(model, data: TaskData, config: PruneConfig):
     position has a distractor, else IG with 8 steps on the KL), on the run's training split."""
     from .attribution import attribute
 
-    has_distractors = bool((data.distractor[data.positions] >= 0).all())
-    method, metric = ("atp", "logit_diff") if has_distractors else ("ig", "kl")
+    method, metric = ("atp", "logit_diff") if data.has_distractors() else ("ig", "kl")
     return attribute(model, data, method=method, metric=metric, config=config, progress=False)
 
 

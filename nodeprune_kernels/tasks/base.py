@@ -51,6 +51,10 @@ class TaskData:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def has_distractors(self) -> bool:
+        """Whether every marked position has a distractor token (what the logit difference needs)."""
+        return bool((self.distractor[self.positions] >= 0).all())
+
     def subset(self, index) -> "TaskData":
         """The examples at ``index`` (a LongTensor, slice or bool mask), padding trimmed to the longest."""
         kw = {}
