@@ -97,8 +97,7 @@ def materialize(model: nn.Module, circuit: Circuit, *, verbose: bool = True) -> 
         heads, kv_heads = _cut_attention(family, layer, i, kept, dims)
         d_ff = _cut_mlp(family, layer, i, kept, dims)
         sizes.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": d_ff})
-    _update_config(new, family, dims, sizes, circuit)
-    mismatched = hf_layout_mismatches(new)
+    mismatched = _update_config(new, family, dims, sizes, circuit)
     if mismatched:
         _refuse_save_pretrained(new, mismatched)
 
@@ -294,7 +293,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ config
-def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: list, circuit: Circuit) -> None:
+def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: list, circuit: Circuit) -> list:
+    """Record the circuit and per-layer sizes in ``model.config`` and adopt the global sizes that stay true;
+    returns the final config's :func:`hf_layout_mismatches` (each meta-device build made once)."""
     config = model.config
     ff_name = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
     if not hasattr(config, "nodeprune_base_sizes"):  # materializing a materialized model keeps the first base
@@ -308,6 +309,7 @@ def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: lis
     if len(d_ffs) == 1 and hasattr(config, ff_name):
         setattr(config, ff_name, d_ffs.pop())
 
+    mismatched = _layout_mismatches(model, config)
     heads = {(s["num_attention_heads"], s["num_key_value_heads"]) for s in sizes}
     if len(heads) == 1:  # adopt the uniform head counts where a model built from the config then has these shapes
         h, kv = heads.pop()
@@ -317,10 +319,12 @@ def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: lis
             trial.num_key_value_heads = kv
         if getattr(config, "head_dim", None) is None:  # the head size is otherwise hidden_size // heads
             trial.head_dim = dims.head_dim
-        if set(_layout_mismatches(model, trial)) < set(_layout_mismatches(model, config)):
+        with_trial = _layout_mismatches(model, trial)
+        if set(with_trial) < set(mismatched):
             for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
                 if hasattr(trial, name):
                     setattr(config, name, getattr(trial, name))
+            mismatched = with_trial
 
     if family.qkv == "phi3":  # Phi-3's attention forward reads config.num_attention_heads
         for layer, s in zip(family.decoder_layers(model), sizes):
@@ -329,6 +333,7 @@ def _update_config(model: nn.Module, family: Family, dims: ModelDims, sizes: lis
                 attn.config = copy.copy(attn.config)
                 attn.config.num_attention_heads = s["num_attention_heads"]
                 attn.config.num_key_value_heads = s["num_key_value_heads"]
+    return mismatched
 
 
 def hf_layout_mismatches(model: nn.Module) -> list:
