@@ -140,14 +140,14 @@ class Sparsity(nn.Module):
 
     def ramp(self, step: int) -> float:
         """How far the targets have risen at ``step``: 0 at step 0, 1 from ``warmup_steps`` on (budget mode:
-        the pressure)."""
-        if self.mode == "budget":
-            return float(self.pressure)
-        return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
+        always 1, its targets follow the pressure both ways instead)."""
+        if self.mode == "budget" or self.warmup_steps <= 0:
+            return 1.0
+        return min(1.0, step / self.warmup_steps)
 
     def target_at(self, step: int) -> dict:
-        """The targets at ``step`` (ramped up over the warm-up)."""
-        r = self.ramp(step)
+        """The targets at ``step`` (ramped up over the warm-up; budget mode: scaled by the pressure)."""
+        r = float(self.pressure) if self.mode == "budget" else self.ramp(step)
         if self.mode == "path":
             return {g: 1.0 - (1.0 - t) ** r for g, t in self.targets.items()}
         return {g: t * r for g, t in self.targets.items()}
@@ -191,7 +191,7 @@ class Sparsity(nn.Module):
             return
         with torch.no_grad():
             gap = self._gap(expected_sparsity(masks), step).to(self.lambda1.device)
-            if self.ramp(step) < 1.0 and self.mode != "budget":
+            if self.ramp(step) < 1.0:
                 gap = gap.clamp(max=0.0)
         self.lambda1.grad, self.lambda2.grad = gap.clone(), gap * gap
         lambda_opt.step()
@@ -203,7 +203,7 @@ class Sparsity(nn.Module):
         penalty mode."""
         if self.mode == "penalty" or self.update == "lagrangian":
             return
-        ramping = self.ramp(step) < 1.0 and self.mode != "budget"  # the budget's targets go both ways
+        ramping = self.ramp(step) < 1.0
         for g, t in self.target_at(step).items():
             shift_to_sparsity(masks.log_alpha[g], max(t, PROJECTION_FLOOR), at_least=ramping)
 
